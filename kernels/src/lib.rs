@@ -1,0 +1,1 @@
+//! CUDA kernel sources of temper; they arrive with the CUDA backend issue.

@@ -1,0 +1,1 @@
+//! Procedural macros of temper (the DSL lands with the DSL issue).

@@ -1,0 +1,12 @@
+//! temper's runtime: tensors with reverse-mode autograd, backends (CPU now, CUDA behind a feature),
+//! Hugging Face and GGUF model formats, the Llama family, tokenization and generation.
+
+pub mod autograd;
+pub mod backend;
+pub mod error;
+pub mod ops;
+pub mod tensor;
+
+pub use backend::Device;
+pub use error::{Error, Result};
+pub use tensor::{DType, Tensor};

@@ -1,0 +1,41 @@
+//! Differentiable ops. Each file holds one op: its forward (shape checks, a backend call) and its
+//! backward (a [`crate::autograd::GradFn`]) side by side, with the math in a comment on top.
+
+mod attention;
+mod checkpoint;
+mod elementwise;
+mod embedding;
+mod linear;
+mod rms_norm;
+mod rope;
+mod shape;
+mod swiglu;
+mod token_nll;
+
+pub use attention::{attention, AttentionMask};
+pub use checkpoint::checkpoint;
+pub use elementwise::{add, mul, scale, sub, sum};
+pub use embedding::embedding;
+pub use linear::{linear, matmul};
+pub use rms_norm::rms_norm;
+pub use rope::{rope, rope_inv_freq, RopeScaling, RopeTable};
+pub use shape::{copy_contiguous, narrow, reshape, transpose};
+pub use swiglu::swiglu;
+pub use token_nll::{cross_entropy, token_logprobs, token_nll};
+
+use crate::backend::Storage;
+use crate::error::Result;
+use crate::tensor::Tensor;
+use std::sync::Arc;
+
+/// Makes a tensor from an op's output storage, recording `grad_fn` when any input needs gradients.
+pub(crate) fn output(storage: Storage, shape: &[usize], inputs: &[&Tensor], grad_fn: impl FnOnce() -> Arc<dyn crate::autograd::GradFn>) -> Tensor {
+    let needs = crate::autograd::is_grad_enabled() && inputs.iter().any(|t| t.requires_grad_flag());
+    Tensor::from_op(storage, shape, if needs { Some(grad_fn()) } else { None })
+}
+
+/// Fails unless `t` has exactly `rank` dimensions; names the op and the argument.
+pub(crate) fn expect_rank(op: &'static str, what: &str, t: &Tensor, rank: usize) -> Result<()> {
+    crate::error::ensure_shape!(t.rank() == rank, op, "{what} must have rank {rank}, got shape {:?}", t.shape());
+    Ok(())
+}
