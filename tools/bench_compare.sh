@@ -7,7 +7,8 @@
 # Environment: TEMPER (default target/release/temper), PYTHON (default /work/venv/bin/python,
 # else python3). Each workload x shape runs in its own process for both implementations
 # (peak RSS is per process). A failing command is reported in its table row; the script
-# keeps going and exits non-zero if anything failed.
+# keeps going and exits non-zero if anything failed. OMP_WAIT_POLICY defaults to PASSIVE
+# here (see below and bench_torch.py's docstring).
 set -u
 
 cd "$(dirname "$0")/.."
@@ -23,15 +24,31 @@ while [ $# -gt 0 ]; do
         --shapes) SHAPES="$2"; shift 2 ;;
         --steps) EXTRA+=(--steps "$2"); shift 2 ;;
         --new-tokens) EXTRA+=(--new-tokens "$2"); shift 2 ;;
-        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
 
 TEMPER="${TEMPER:-target/release/temper}"
+# PyTorch's OpenMP threads spin-wait by default, which collapses (10x and worse) when the
+# 2-core machine is shared with builds. Passive waiting keeps the baseline meaningful there;
+# set OMP_WAIT_POLICY=ACTIVE (or anything else) explicitly to override.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 if [ -z "${PYTHON:-}" ]; then
     if [ -x /work/venv/bin/python ]; then PYTHON=/work/venv/bin/python; else PYTHON=python3; fi
 fi
+
+# Both implementations busy-wait between parallel regions; on an oversubscribed machine
+# (other builds running) PyTorch's OpenMP threads in particular slow down by up to 10x.
+load_warning() {
+    local load cores
+    load="$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo 0)"
+    cores="$(nproc 2>/dev/null || echo 1)"
+    if awk -v l="$load" -v c="$cores" 'BEGIN { exit !(l > c * 0.75) }'; then
+        echo "warning: load average $load on $cores cores before $1: timings are unreliable" >&2
+        echo "$1 load=$load" >>"$TMP/load_warnings.txt"
+    fi
+}
 
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
@@ -49,7 +66,9 @@ for w in $WORKLOADS; do
     for s in $SHAPES; do
         args=(--workload "$w" --shape "$s" --threads "$THREADS" "${EXTRA[@]}")
         echo "running $w/$s ..." >&2
+        load_warning "temper $w/$s"
         run "temper_${w}_${s}" "$TEMPER" bench "${args[@]}"
+        load_warning "pytorch $w/$s"
         run "torch_${w}_${s}" "$PYTHON" tools/bench_torch.py "${args[@]}"
         echo "$w $s" >>"$ROWS"
     done
@@ -70,7 +89,7 @@ def result(name):
     out, err = read("out"), read("err")
     if rc != "0":
         last = (err.strip().splitlines() or out.strip().splitlines() or [""])[-1]
-        return None, f"FAILED rc={rc}: {last[:60]}"
+        return None, f"FAILED rc={rc}" + (f": {last[:60]}" if last else "")
     # The JSON object is the last line of stdout that parses as one.
     for line in reversed(out.strip().splitlines()):
         try:
@@ -101,10 +120,14 @@ for w, s in rows:
 
 widths = [max(len(str(r[i])) for r in [header] + table) for i in range(len(header))]
 fmt = lambda r: "| " + " | ".join(str(c).ljust(wd) for c, wd in zip(r, widths)) + " |"
-print(f"threads: {threads}")
+print(f"threads: {threads}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}")
 print(fmt(header))
 print("|" + "|".join("-" * (wd + 2) for wd in widths) + "|")
 for r in table:
     print(fmt(r))
+lw = os.path.join(tmp, "load_warnings.txt")
+if os.path.exists(lw):
+    print("warning: machine was busy (load average above 0.75 x cores) before: "
+          + "; ".join(l.strip() for l in open(lw) if l.strip()))
 sys.exit(1 if failures else 0)
 PY

@@ -16,10 +16,16 @@ generate: greedy decoding with KV cache, batch 1, 16 random prompt tokens, exact
           then one timed generation (prefill included); tokens/s = new tokens / elapsed.
           "steps" is the number of new tokens.
 peak_rss_bytes: ru_maxrss of this process (run one process per workload).
+
+PyTorch's OpenMP threads busy-wait by default; when the machine is oversubscribed (other
+builds running on the 2 cores) --threads 2 can run 10x slower than --threads 1. Setting
+OMP_WAIT_POLICY=PASSIVE in the environment avoids most of that; the policy in effect is
+reported as "omp_wait_policy".
 """
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -128,6 +134,8 @@ def main():
         "steps": steps,
         "torch_version": torch.__version__,
         "elapsed_s": round(elapsed, 4),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        "load_avg_1m": os.getloadavg()[0],
     }))
     return 0
 

@@ -10,3 +10,8 @@ pub mod tensor;
 pub use backend::Device;
 pub use error::{Error, Result};
 pub use tensor::{DType, Tensor};
+pub mod formats;
+pub mod models;
+pub mod generate;
+pub mod tokenizer;
+pub mod optim;

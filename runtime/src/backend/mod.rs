@@ -86,6 +86,9 @@ pub trait BackendStorage: Sized + Send + Sync {
     fn add_assign(&mut self, rhs: &Self) -> Result<()>;
     /// Adds a [cols] row to every row of a [rows, cols] matrix (bias add).
     fn add_row(&self, row: &Self, cols: usize) -> Result<Self>;
+    /// For each of `outer` blocks, copies `len` elements of `src` (block stride `len`) into `self`
+    /// at `o·dst_stride + dst_offset` (appending to a KV cache).
+    fn write_blocks(&mut self, src: &Self, outer: usize, len: usize, dst_stride: usize, dst_offset: usize) -> Result<()>;
     /// Column sums of a [rows, cols] matrix.
     fn sum_rows(&self, rows: usize, cols: usize) -> Result<Self>;
     /// Sum of all elements as f64.
@@ -200,6 +203,10 @@ impl BackendStorage for Storage {
     fn add_row(&self, row: &Self, cols: usize) -> Result<Self> {
         let a = self;
         dispatch!(a, row => a.add_row(row, cols).map(Storage::Cpu))
+    }
+    fn write_blocks(&mut self, src: &Self, outer: usize, len: usize, dst_stride: usize, dst_offset: usize) -> Result<()> {
+        let a = self;
+        dispatch!(a, src => a.write_blocks(src, outer, len, dst_stride, dst_offset))
     }
     fn sum_rows(&self, rows: usize, cols: usize) -> Result<Self> {
         let s = self;

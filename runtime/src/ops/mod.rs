@@ -21,7 +21,7 @@ pub use rms_norm::rms_norm;
 pub use rope::{rope, rope_inv_freq, RopeScaling, RopeTable};
 pub use shape::{copy_contiguous, narrow, reshape, transpose};
 pub use swiglu::swiglu;
-pub use token_nll::{cross_entropy, token_logprobs, token_nll};
+pub use token_nll::{cross_entropy, token_logprobs, token_nll, IGNORE_INDEX};
 
 use crate::backend::Storage;
 use crate::error::Result;

@@ -247,6 +247,24 @@ impl BackendStorage for CpuStorage {
         })
     }
 
+    fn write_blocks(&mut self, src: &Self, outer: usize, len: usize, dst_stride: usize, dst_offset: usize) -> Result<()> {
+        fn copy<T: Copy>(d: &mut [T], s: &[T], outer: usize, len: usize, stride: usize, off: usize) -> Result<()> {
+            if outer > 0 && ((outer - 1) * stride + off + len > d.len() || outer * len > s.len()) {
+                return Err(Error::shape("write_blocks", format!("{outer} blocks of {len} at offset {off} (stride {stride}) do not fit {} elements", d.len())));
+            }
+            for o in 0..outer {
+                d[o * stride + off..o * stride + off + len].copy_from_slice(&s[o * len..(o + 1) * len]);
+            }
+            Ok(())
+        }
+        match (self, src) {
+            (CpuStorage::F32(d), CpuStorage::F32(s)) => copy(d, s, outer, len, dst_stride, dst_offset),
+            (CpuStorage::F64(d), CpuStorage::F64(s)) => copy(d, s, outer, len, dst_stride, dst_offset),
+            (CpuStorage::U8(d), CpuStorage::U8(s)) => copy(d, s, outer, len, dst_stride, dst_offset),
+            (d, s) => Err(Error::dtype("write_blocks", format!("{} into {}", s.dtype(), d.dtype()))),
+        }
+    }
+
     fn sum_rows(&self, rows: usize, cols: usize) -> Result<Self> {
         with_float!("sum_rows", self, |a| {
             let mut out = vec![like(a, 0.0); cols];

@@ -1,0 +1,70 @@
+//! AdamW over a set of parameters, with f32 moment state kept beside each parameter.
+//! The update itself is a backend op (`backend::cpu::adamw`).
+
+use crate::autograd::Grads;
+use crate::backend::{AdamWStep, BackendStorage, Storage};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Tensor};
+
+/// Decoupled-weight-decay Adam (Loshchilov & Hutter), as `torch.optim.AdamW` computes it.
+///
+/// ```
+/// use temper_runtime::{ops, optim::AdamW, Device, Tensor};
+/// let w = Tensor::from_vec(vec![1.0f32, -2.0], &[2], Device::Cpu)?.requires_grad();
+/// let mut opt = AdamW::new(vec![w.clone()], 0.1);
+/// let grads = ops::sum(&ops::mul(&w, &w)?)?.backward()?;   // d/dw Σw² = 2w
+/// opt.step(&grads)?;
+/// // The first Adam step moves each weight by lr against the sign of its gradient.
+/// let v = w.to_vec::<f32>()?;
+/// assert!((v[0] - (1.0 - 0.1 - 0.1 * 0.01)).abs() < 1e-6);
+/// # Ok::<(), temper_runtime::Error>(())
+/// ```
+pub struct AdamW {
+    params: Vec<Tensor>,
+    m: Vec<Storage>,
+    v: Vec<Storage>,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    step: u64,
+}
+
+impl AdamW {
+    /// AdamW with PyTorch's defaults (betas 0.9/0.999, eps 1e-8, weight decay 0.01).
+    pub fn new(params: Vec<Tensor>, lr: f64) -> AdamW {
+        AdamW { params, m: vec![], v: vec![], lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step: 0 }
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// Bytes of optimizer state.
+    pub fn state_bytes(&self) -> usize {
+        self.m.iter().chain(&self.v).map(|s| s.len() * 4).sum()
+    }
+
+    /// Applies one update from `grads`; parameters without a gradient are left as they are.
+    pub fn step(&mut self, grads: &Grads) -> Result<()> {
+        if self.m.is_empty() {
+            for p in &self.params {
+                if p.dtype() != DType::F32 {
+                    return Err(Error::dtype("adamw", format!("parameter of dtype {} (AdamW keeps f32 weights)", p.dtype())));
+                }
+                self.m.push(Storage::zeros(p.device(), DType::F32, p.elem_count())?);
+                self.v.push(Storage::zeros(p.device(), DType::F32, p.elem_count())?);
+            }
+        }
+        self.step += 1;
+        let h = AdamWStep { lr: self.lr, beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay, step: self.step };
+        for (i, p) in self.params.iter().enumerate() {
+            let Some(g) = grads.get(p) else { continue };
+            let g = g.contiguous_storage()?;
+            p.storage_mut().adamw_step(&g, &mut self.m[i], &mut self.v[i], &h)?;
+        }
+        Ok(())
+    }
+}
