@@ -26,3 +26,5 @@ pub mod prelude {
     pub use temper_runtime::tokenizer::Tokenizer;
     pub use temper_runtime::{ops, DType, Device, Error, Result, Tensor};
 }
+
+pub mod bench;

@@ -1,1 +1,327 @@
-fn main() {}
+//! The `temper` command line: run, inspect and benchmark models without writing Rust.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+use temper::formats::safetensors::{self as st, SafetensorsFiles};
+use temper::generate::{generate, GenerationConfig, Sampling};
+use temper::models::{ForwardInput, Llama};
+use temper::tokenizer::Tokenizer;
+use temper::{DType, Error, Result, Tensor};
+
+#[derive(Parser)]
+#[command(name = "temper", version, about = "LLM post-training in Rust")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Worker threads for the CPU backend (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a forward (and optionally backward) pass on inputs from a safetensors file.
+    Forward(ForwardArgs),
+    /// Generate text or token ids from a prompt.
+    Generate(GenerateArgs),
+    /// Print a model's architecture, parameter count, dtypes and memory estimate.
+    Inspect(InspectArgs),
+    /// Measure tokens/s and peak memory of a training step or of generation (JSON).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct ForwardArgs {
+    /// A Hugging Face model folder or a .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// A PEFT adapter folder (LoRA support lands with the adapter issue).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// safetensors with input_ids (I64 [B,T]), optional attention_mask and labels.
+    #[arg(long)]
+    inputs: PathBuf,
+    /// Where to write logits, loss and gradients (safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// Comma-separated parameter names whose gradients to write as grad.NAME (needs labels).
+    #[arg(long, value_delimiter = ',')]
+    grads: Vec<String>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Prompt text.
+    #[arg(long, conflicts_with = "prompt_ids")]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Greedy decoding (the default unless a temperature is given).
+    #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k"])]
+    greedy: bool,
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop once the continuation contains this string (repeatable).
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+    /// Print {"token_ids": [...], "text": "..."}.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    model: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// train (forward + backward + AdamW) or generate (greedy, batch 1).
+    #[arg(long, default_value = "train")]
+    workload: String,
+    /// small (hidden 256, 4 layers, batch 4 × 256) or smollm2 (SmolLM2-135M's shape).
+    #[arg(long, default_value = "small")]
+    shape: String,
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    #[arg(long, default_value_t = 64)]
+    new_tokens: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
+            eprintln!("error: could not set {n} threads: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let r = match cli.command {
+        Command::Forward(a) => forward(a),
+        Command::Generate(a) => run_generate(a),
+        Command::Inspect(a) => inspect(a),
+        Command::Bench(a) => bench(a, cli.threads.unwrap_or_else(rayon::current_num_threads)),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn no_adapter_yet(adapter: &Option<PathBuf>) -> Result<()> {
+    match adapter {
+        None => Ok(()),
+        Some(p) => Err(Error::Unsupported(format!("--adapter {}: loading PEFT adapters arrives with the adapter (DSL) issue", p.display()))),
+    }
+}
+
+fn forward(a: ForwardArgs) -> Result<()> {
+    no_adapter_yet(&a.adapter)?;
+    let mut model = Llama::load(&a.model, DType::F32)?;
+    let files = SafetensorsFiles::open_files(&[a.inputs.clone()])?;
+    let load_i64 = |name: &str| -> Result<Option<Tensor>> {
+        if !files.contains(name) {
+            return Ok(None);
+        }
+        let t = files.load(name)?;
+        if t.dtype() != DType::I64 || t.rank() != 2 {
+            return Err(Error::BadTensor { name: name.into(), msg: format!("in {}: expected I64 [batch, seq], got {} {:?}", a.inputs.display(), t.dtype(), t.shape()) });
+        }
+        Ok(Some(t))
+    };
+    let input_ids = load_i64("input_ids")?.ok_or_else(|| Error::MissingTensor { path: a.inputs.clone(), name: "input_ids".into() })?;
+    let attention_mask = load_i64("attention_mask")?;
+    let labels = load_i64("labels")?;
+    for (name, t) in [("attention_mask", &attention_mask), ("labels", &labels)] {
+        if let Some(t) = t {
+            if t.shape() != input_ids.shape() {
+                return Err(Error::BadTensor { name: name.into(), msg: format!("in {}: shape {:?} differs from input_ids {:?}", a.inputs.display(), t.shape(), input_ids.shape()) });
+            }
+        }
+    }
+    if !a.grads.is_empty() {
+        if labels.is_none() {
+            return Err(Error::Input(format!("--grads needs `labels` in {}", a.inputs.display())));
+        }
+        let known: Vec<String> = model.named_parameters().into_iter().map(|(n, _)| n).collect();
+        for g in &a.grads {
+            if !known.contains(g) {
+                return Err(Error::Input(format!("--grads: the model has no parameter `{g}` (e.g. {})", known.first().map(String::as_str).unwrap_or("?"))));
+            }
+        }
+        let wanted = a.grads.clone();
+        model.set_trainable(&|n| wanted.iter().any(|w| w == n))?;
+    }
+    let input = ForwardInput { input_ids, attention_mask, position_ids: None, segment_ids: None };
+    let logits = model.forward(&input)?;
+    let mut out = vec![("logits".to_string(), logits.detach())];
+    if let Some(labels) = &labels {
+        let loss = Llama::loss(&logits, labels)?;
+        out.push(("loss".to_string(), loss.detach()));
+        if !a.grads.is_empty() {
+            let grads = loss.backward()?;
+            for (name, p) in model.trainable_parameters() {
+                let g = grads.get(&p).ok_or_else(|| Error::Input(format!("parameter `{name}` received no gradient")))?;
+                out.push((format!("grad.{name}"), g.clone()));
+            }
+        }
+    }
+    st::save(&a.out, &out, None)?;
+    eprintln!("wrote {} tensors to {}", out.len(), a.out.display());
+    Ok(())
+}
+
+fn load_tokenizer(model: &Path) -> Result<Tokenizer> {
+    if model.is_dir() {
+        Tokenizer::from_hf_dir(model)
+    } else {
+        Tokenizer::from_gguf(&temper::formats::gguf::GgufFile::open(model)?)
+    }
+}
+
+fn run_generate(a: GenerateArgs) -> Result<()> {
+    no_adapter_yet(&a.adapter)?;
+    let model = Llama::load(&a.model, DType::F32)?;
+    // Prompt ids alone need no tokenizer; text output and stop strings do when one exists.
+    let tokenizer = match load_tokenizer(&a.model) {
+        Ok(t) => Some(t),
+        Err(e) if a.prompt.is_some() || !a.stop.is_empty() => return Err(e),
+        Err(_) => None,
+    };
+    let tk = || tokenizer.as_ref().ok_or_else(|| Error::Input(format!("{}: no tokenizer found (tokenizer.json or GGUF vocabulary)", a.model.display())));
+    let prompt_ids: Vec<u32> = match (&a.prompt, &a.prompt_ids) {
+        (Some(text), None) => {
+            let t = tk()?;
+            if a.chat {
+                let template = t.chat_template.as_deref().ok_or_else(|| Error::Input(format!("{}: --chat but the model has no chat template", a.model.display())))?;
+                let msgs = [temper::chat_template::ChatMessage { role: "user".into(), content: text.clone() }];
+                let rendered = temper::chat_template::render_chat(template, &msgs, true, t.bos_token.as_deref(), t.eos_token.as_deref())?;
+                t.encode(&rendered, false)?
+            } else {
+                t.encode(text, true)?
+            }
+        }
+        (None, Some(ids)) => {
+            if a.chat {
+                return Err(Error::Input("--chat needs --prompt text, not --prompt-ids".into()));
+            }
+            ids.clone()
+        }
+        _ => return Err(Error::Input("give exactly one of --prompt or --prompt-ids".into())),
+    };
+    let mut eos = model.config.eos_token_ids.clone();
+    if let Some(t) = &tokenizer {
+        eos.extend(t.eos_token_ids.iter().copied());
+    }
+    let sampling = match (a.greedy, a.temperature) {
+        (false, Some(temperature)) => Sampling::Sample { temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
+        (_, None) if a.top_k.is_some() || a.top_p.is_some() => Sampling::Sample { temperature: 1.0, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
+        _ => Sampling::Greedy,
+    };
+    let cfg = GenerationConfig {
+        max_new_tokens: a.max_new_tokens,
+        sampling,
+        eos_token_ids: eos,
+        stop_strings: a.stop.clone(),
+        pad_token_id: model.config.pad_token_id.unwrap_or(0),
+    };
+    let start = Instant::now();
+    let out = generate(&model, &[prompt_ids], &cfg, tokenizer.as_ref())?;
+    let secs = start.elapsed().as_secs_f64();
+    let ids = &out.tokens[0];
+    let text = match &tokenizer {
+        Some(t) => t.decode(ids, true)?,
+        None => String::new(),
+    };
+    if a.json {
+        println!("{}", serde_json::json!({ "token_ids": ids, "text": text }));
+    } else {
+        println!("{text}");
+        eprintln!("[{} prompt + {} new tokens in {secs:.2}s, {:.1} tokens/s, stop: {:?}]", out.prompt_tokens, ids.len(), ids.len() as f64 / secs, out.finish[0]);
+    }
+    Ok(())
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let (config, dtypes) = if a.model.is_dir() {
+        let config = temper::formats::hf_config::ModelConfig::from_file(&a.model.join("config.json"))?;
+        let files = SafetensorsFiles::open_dir(&a.model)?;
+        let mut dtypes = std::collections::BTreeMap::new();
+        for n in files.names() {
+            *dtypes.entry(files.info(n)?.1.to_string()).or_insert(0usize) += 1;
+        }
+        (config, dtypes)
+    } else {
+        let g = temper::formats::gguf::GgufFile::open(&a.model)?;
+        let config = temper::models::llama::gguf_config(&g)?;
+        let mut dtypes = std::collections::BTreeMap::new();
+        for t in g.tensors() {
+            *dtypes.entry(t.ggml_type.name()).or_insert(0usize) += 1;
+        }
+        (config, dtypes)
+    };
+    let n = config.parameter_count() as f64;
+    let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
+    // Full fine-tune with AdamW: f32 weights + f32 grads + two f32 moments = 16 bytes/parameter.
+    let est = serde_json::json!({
+        "architecture": config.architecture.class_name(),
+        "parameters": config.parameter_count(),
+        "hidden_size": config.hidden_size, "layers": config.num_hidden_layers,
+        "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads, "head_dim": config.head_dim,
+        "intermediate_size": config.intermediate_size, "vocab_size": config.vocab_size,
+        "tied_embeddings": config.tie_word_embeddings,
+        "stored_dtypes": dtypes,
+        "memory_gib": { "weights_f32": gib(4.0 * n), "weights_bf16": gib(2.0 * n), "full_finetune_adamw_f32": gib(16.0 * n) },
+    });
+    if a.json {
+        println!("{est}");
+    } else {
+        println!("{}: {}", a.model.display(), config.architecture.class_name());
+        println!("  parameters      {:.1} M", n / 1e6);
+        println!("  layers          {} × (hidden {}, heads {}/{} kv, head_dim {}, intermediate {})", config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.intermediate_size);
+        println!("  vocabulary      {}{}", config.vocab_size, if config.tie_word_embeddings { " (tied embeddings)" } else { "" });
+        println!("  stored dtypes   {}", dtypes.iter().map(|(k, v)| format!("{k}×{v}")).collect::<Vec<_>>().join(", "));
+        println!("  memory          weights f32 {:.2} GiB, bf16 {:.2} GiB; full fine-tune with AdamW ≈ {:.2} GiB + activations", gib(4.0 * n), gib(2.0 * n), gib(16.0 * n));
+    }
+    Ok(())
+}
+
+fn bench(a: BenchArgs, threads: usize) -> Result<()> {
+    let shape = temper::bench::shape(&a.shape)?;
+    let (tps, steps) = match a.workload.as_str() {
+        "train" => (temper::bench::train(&shape, a.steps)?, a.steps),
+        "generate" => (temper::bench::generation(&shape, a.new_tokens)?, a.new_tokens),
+        other => return Err(Error::Input(format!("unknown workload `{other}` (expected train or generate)"))),
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "temper", "workload": a.workload, "shape": shape.name, "threads": threads,
+            "tokens_per_s": tps, "peak_rss_bytes": temper::bench::peak_rss_bytes(), "steps": steps,
+        })
+    );
+    Ok(())
+}

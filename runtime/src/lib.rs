@@ -15,3 +15,4 @@ pub mod models;
 pub mod generate;
 pub mod tokenizer;
 pub mod optim;
+pub mod chat_template;

@@ -16,7 +16,9 @@
 //! plain added tokens, so both are matched whole in the input text.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
+#[cfg(test)]
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde_json::{json, Map, Value};
@@ -821,7 +823,9 @@ mod tests {
     fn smollm2_gguf_matches_transformers() {
         let Some(p) = smollm_path() else { return };
         let g = GgufFile::open(&p).unwrap();
+        let t0 = std::time::Instant::now();
         let t = Tokenizer::from_gguf(&g).unwrap();
+        println!("tokenizer built from GGUF metadata in {:?}", t0.elapsed());
         let cases: &[(&str, &[u32])] = &[
             ("Hello world! 12345 <|im_start|>", &[19556, 905, 17, 216, 33, 34, 35, 36, 37, 216, 1]),
             ("Hello, we can use", &[19556, 28, 392, 416, 722]),
@@ -858,6 +862,30 @@ mod tests {
         // add_bos_token is false in this file: nothing is added.
         assert_eq!(t.encode("Hi", true).unwrap(), t.encode("Hi", false).unwrap());
         assert!(t.decode(&[49152], false).is_err());
+    }
+
+    /// `tests/fixtures/smollm2_checks.json` holds ids another helper produced with transformers
+    /// 5.24 (`tokenizer(text, add_special_tokens=False)` on the same GGUF).
+    #[test]
+    fn smollm2_fixture_encodings() {
+        let jp = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/smollm2_checks.json");
+        let Some(p) = smollm_path() else { return };
+        if !jp.exists() {
+            println!("skipping: {} is absent", jp.display());
+            return;
+        }
+        let spec: Value = serde_json::from_str(&std::fs::read_to_string(&jp).unwrap()).unwrap();
+        let t = Tokenizer::from_gguf(&GgufFile::open(&p).unwrap()).unwrap();
+        let cases = spec["tokenizer_encodings"].as_array().unwrap();
+        assert!(!cases.is_empty());
+        for c in cases {
+            let text = c["text"].as_str().unwrap();
+            let want: Vec<u32> =
+                c["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+            let ids = t.encode(text, false).unwrap();
+            assert_eq!(ids, want, "{text:?}");
+            assert_eq!(t.decode(&ids, false).unwrap(), text);
+        }
     }
 
     fn meta(entries: Vec<(&str, GgufValue)>) -> BTreeMap<String, GgufValue> {

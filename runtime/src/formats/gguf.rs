@@ -317,15 +317,16 @@ impl GgufTensorInfo {
 
     /// The number of elements (1 for a tensor with no dimensions).
     pub fn n_elements(&self) -> usize {
-        self.dims.iter().map(|&d| d as usize).product()
+        // Saturating: a description read by `GgufFile::open` never overflows (checked there).
+        self.dims.iter().fold(1usize, |acc, &d| acc.saturating_mul(d as usize))
     }
 
-    /// The size of the tensor's data in bytes, when its type's block layout is known.
-    /// (Overflow was ruled out when the file was opened.)
+    /// The size of the tensor's data in bytes, when its type's block layout is known and the size
+    /// does not overflow.
     pub fn n_bytes(&self) -> Option<u64> {
         let (block, bytes) = self.ggml_type.block_layout()?;
-        let n: u64 = self.dims.iter().product();
-        Some(n / block * bytes)
+        let n = self.dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))?;
+        (n / block).checked_mul(bytes)
     }
 }
 
@@ -852,6 +853,13 @@ impl GgufFile {
                 hidden_size / n_heads
             }
         };
+        if head_dim % 2 == 1 {
+            return Err(Error::Config {
+                path: self.path.clone(),
+                key: "llama.attention.key_length".into(),
+                msg: format!("head dimension {head_dim} is odd; rotary embeddings need it even"),
+            });
+        }
         let rope_theta = self.try_f64("llama.rope.freq_base")?.unwrap_or(10_000.0);
         let rms_norm_eps = self.get_f64("llama.attention.layer_norm_rms_epsilon")?;
         let context_length = usize_key("llama.context_length")?;
@@ -926,7 +934,8 @@ fn check_extent(path: &Path, t: &GgufTensorInfo, data_len: u64) -> Result<()> {
         return Ok(()); // unknown type: its size cannot be checked until someone reads it
     };
     let row = t.dims.first().copied().unwrap_or(1);
-    if row % block != 0 {
+    let ragged = row % block;
+    if ragged != 0 {
         return Err(Error::format(
             path,
             format!(
@@ -964,7 +973,8 @@ fn check_extent(path: &Path, t: &GgufTensorInfo, data_len: u64) -> Result<()> {
 fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Option<Vec<f32>> {
     let (block, block_bytes) = ty.block_layout()?;
     let (block, block_bytes) = (block as usize, block_bytes as usize);
-    if n % block != 0 || bytes.len() != (n / block).checked_mul(block_bytes)? {
+    let ragged = n % block;
+    if ragged != 0 || bytes.len() != (n / block).checked_mul(block_bytes)? {
         return None;
     }
     let mut out = vec![0f32; n];
@@ -1165,8 +1175,9 @@ pub fn permute_qk(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32
 
 fn permute_rows(w: &[f32], rows: usize, cols: usize, n_head: usize, to_gguf: bool) -> Vec<f32> {
     assert_eq!(w.len(), rows * cols, "q/k permutation: weight has {} values, not {rows}x{cols}", w.len());
+    let ragged = if n_head > 0 { rows % (2 * n_head) } else { 1 };
     assert!(
-        n_head > 0 && rows % (2 * n_head) == 0,
+        ragged == 0,
         "q/k permutation: {rows} rows do not split into {n_head} heads of even size"
     );
     let head_dim = rows / n_head;
@@ -1421,7 +1432,12 @@ mod tests {
     }
 
     /// Builds a file holding one tensor of every supported type, with hand-computed expectations.
-    fn typed_file(alignment: Option<u32>) -> (Writer, Vec<(&'static str, Vec<usize>, Vec<f32>)>) {
+    /// A tensor name, its row-major shape and its expected values.
+    type Expected = Vec<(&'static str, Vec<usize>, Vec<f32>)>;
+    /// A tensor name, the f64 sum of its values and some `(index, value)` pairs.
+    type RefTensor = (&'static str, f64, [(usize, f64); 6]);
+
+    fn typed_file(alignment: Option<u32>) -> (Writer, Expected) {
         let mut w = Writer::new();
         if let Some(a) = alignment {
             w = w.kv("general.alignment", GgufValue::U32(a));
@@ -1919,7 +1935,7 @@ mod tests {
 
         // Reference values from gguf-py 0.x (`gguf.quants.dequantize(t.data, t.tensor_type)`, the
         // sum taken in float64 over the flattened row-major array) on this very file.
-        let refs: [(&str, f64, [(usize, f32); 6]); 3] = [
+        let refs: [RefTensor; 3] = [
             (
                 "token_embd.weight",
                 -15353.04449415207,
@@ -1962,15 +1978,87 @@ mod tests {
             let s: f64 = v.iter().map(|&x| x as f64).sum();
             assert!((s - sum).abs() <= 1e-6 * sum.abs().max(1.0), "{name}: {s} vs {sum}");
             for (i, x) in elems {
-                assert_eq!(v[i], x, "{name}[{i}]");
+                assert_eq!(v[i] as f64, x, "{name}[{i}]");
             }
         }
     }
 
-    /// Compares against a fixture written by gguf-py when another helper has produced it.
+    /// Random byte corruption of a file with every value kind, every tensor type and a tokenizer
+    /// must give errors or values, never a panic.
+    #[test]
+    fn corrupted_files_never_panic() {
+        let (mut w, _) = typed_file(None);
+        for (k, v) in all_values() {
+            w = w.kv(k, v);
+        }
+        let strs = |v: &[&str]| GgufValue::Array(v.iter().map(|s| GgufValue::Str(s.to_string())).collect());
+        w = w
+            .kv("general.architecture", GgufValue::Str("llama".into()))
+            .kv("tokenizer.ggml.model", GgufValue::Str("gpt2".into()))
+            .kv("tokenizer.ggml.pre", GgufValue::Str("smollm".into()))
+            .kv("tokenizer.ggml.tokens", strs(&["a", "b", "ab", "<|x|>"]))
+            .kv(
+                "tokenizer.ggml.token_type",
+                GgufValue::Array([1, 1, 1, 3].map(GgufValue::I32).to_vec()),
+            )
+            .kv("tokenizer.ggml.merges", strs(&["a b"]))
+            .kv("tokenizer.ggml.eos_token_id", GgufValue::U32(3));
+        let (bytes, _) = w.build();
+        let p = tmp_path("fuzz");
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let (mut opened, mut failed) = (0, 0);
+        for _ in 0..1500 {
+            let mut b = bytes.clone();
+            for _ in 0..1 + next() % 4 {
+                let i = (next() % b.len() as u64) as usize;
+                b[i] = match next() % 4 {
+                    0 => 0xff,
+                    1 => 0,
+                    _ => next() as u8,
+                };
+            }
+            std::fs::write(&p, &b).unwrap();
+            match GgufFile::open(&p) {
+                Ok(g) => {
+                    opened += 1;
+                    for t in g.tensors() {
+                        let _ = g.tensor_f32(&t.name);
+                    }
+                    let _ = g.llama_params();
+                    if let Ok(t) = crate::tokenizer::Tokenizer::from_gguf(&g) {
+                        let _ = t.encode("ab ab<|x|>", true);
+                    }
+                }
+                Err(e) => {
+                    assert!(e.to_string().contains(&*p.to_string_lossy()), "{e}");
+                    failed += 1;
+                }
+            }
+        }
+        assert!(opened > 0 && failed > 0, "{opened} opened, {failed} failed");
+        std::fs::remove_file(p).ok();
+    }
+
+    fn fixtures_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+    }
+
+    fn json_f32s(v: &serde_json::Value) -> Vec<f32> {
+        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    }
+
+    /// Compares with `tests/fixtures/gguf/tiny_types.{gguf,json}`, written by
+    /// tools/gen_gguf_fixture.py with gguf-py (metadata of every kind; F32/F16/BF16/Q8_0/Q4_0/Q4_1
+    /// tensors whose `values` are `gguf.quants.dequantize` output, row-major).
     #[test]
     fn gguf_py_fixture() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gguf");
+        let dir = fixtures_dir().join("gguf");
         let (gp, jp) = (dir.join("tiny_types.gguf"), dir.join("tiny_types.json"));
         if !gp.exists() || !jp.exists() {
             println!("skipping: {} or its .json is absent", gp.display());
@@ -1979,90 +2067,112 @@ mod tests {
         let g = GgufFile::open(&gp).unwrap();
         let spec: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&jp).unwrap()).unwrap();
-        let compared = fixture::compare(&g, &spec);
-        assert!(compared > 0, "the fixture json had nothing this test understood");
+        assert_eq!(u64::from(g.version()), spec["gguf_version"].as_u64().unwrap());
+        assert_eq!(g.alignment(), spec["alignment"].as_u64().unwrap());
+
+        fn check(v: &GgufValue, ty: &str, want: &serde_json::Value, key: &str) {
+            let ok = match (ty, v) {
+                ("STRING", GgufValue::Str(s)) => want.as_str() == Some(s.as_str()),
+                ("BOOL", GgufValue::Bool(b)) => want.as_bool() == Some(*b),
+                ("UINT8", GgufValue::U8(_))
+                | ("UINT16", GgufValue::U16(_))
+                | ("UINT32", GgufValue::U32(_))
+                | ("UINT64", GgufValue::U64(_)) => want.as_u64() == v.as_u64(),
+                ("INT8", GgufValue::I8(_))
+                | ("INT16", GgufValue::I16(_))
+                | ("INT32", GgufValue::I32(_))
+                | ("INT64", GgufValue::I64(_)) => want.as_f64() == v.as_f64(),
+                // FLOAT32 values are written as the exact f32 in decimal.
+                ("FLOAT32", GgufValue::F32(x)) => want.as_f64().map(|w| w as f32) == Some(*x),
+                ("FLOAT64", GgufValue::F64(x)) => want.as_f64() == Some(*x),
+                _ => false,
+            };
+            assert!(ok, "{key}: {v:?} is not {ty} {want}");
+        }
+        let meta = spec["metadata"].as_array().unwrap();
+        for m in meta {
+            let key = m["key"].as_str().unwrap();
+            let ty = m["type"].as_str().unwrap();
+            let v = g.metadata().get(key).unwrap_or_else(|| panic!("key {key} missing"));
+            if ty == "ARRAY" {
+                let items = v.as_array().unwrap_or_else(|| panic!("{key} is not an array"));
+                let want = m["value"].as_array().unwrap();
+                assert_eq!(items.len(), want.len(), "{key}");
+                let item_ty = m["item_type"].as_str().unwrap();
+                for (x, w) in items.iter().zip(want) {
+                    check(x, item_ty, w, key);
+                }
+            } else {
+                check(v, ty, &m["value"], key);
+            }
+        }
+        assert_eq!(g.metadata().len(), meta.len());
+
+        let tensors = spec["tensors"].as_array().unwrap();
+        assert_eq!(g.tensors().len(), tensors.len());
+        for (info, t) in g.tensors().iter().zip(tensors) {
+            let name = t["name"].as_str().unwrap();
+            assert_eq!(info.name, name);
+            assert_eq!(info.ggml_type.name().to_uppercase(), t["type"].as_str().unwrap(), "{name}");
+            let ne: Vec<u64> = t["gguf_ne"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+            assert_eq!(info.dims, ne, "{name}");
+            assert_eq!(info.n_bytes(), t["nbytes"].as_u64(), "{name}");
+            let (shape, values) = g.tensor_f32(name).unwrap();
+            let want_shape: Vec<usize> =
+                t["shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+            assert_eq!(shape, want_shape, "{name}");
+            let want = json_f32s(&t["values"]);
+            assert_eq!(values.len(), want.len(), "{name}");
+            for (i, (a, b)) in values.iter().zip(&want).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{name}[{i}]: {a} vs {b}");
+            }
+        }
     }
 
-    mod fixture {
-        use super::*;
-        use serde_json::Value;
-
-        fn close(a: f64, b: f64) -> bool {
-            a == b || (a - b).abs() <= 1e-6 * a.abs().max(b.abs()).max(1e-30) || (a.is_nan() && b.is_nan())
+    /// Compares with `tests/fixtures/smollm2_checks.json` (transformers 5.24's dequantised,
+    /// HF-layout weights of the SmolLM2 GGUF): the first rows of the embedding and of layer 0's
+    /// q/k projections, after undoing llama.cpp's q/k row permutation.
+    #[test]
+    fn smollm2_weights_match_transformers() {
+        let jp = fixtures_dir().join("smollm2_checks.json");
+        let gp = assets_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+        if !jp.exists() || !gp.exists() {
+            println!("skipping: {} or {} is absent", jp.display(), gp.display());
+            return;
         }
-
-        fn same(v: &GgufValue, j: &Value) -> bool {
-            match (v, j) {
-                (GgufValue::Bool(b), Value::Bool(c)) => b == c,
-                (GgufValue::Str(s), Value::String(t)) => s == t,
-                (GgufValue::Array(a), Value::Array(b)) => {
-                    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| same(x, y))
-                }
-                (v, Value::Number(n)) => match (v.as_f64(), n.as_f64()) {
-                    (Some(a), Some(b)) => close(a, b),
-                    _ => false,
-                },
-                // a json object such as {"type": "...", "value": ...}
-                (v, Value::Object(o)) => o.get("value").is_some_and(|x| same(v, x)),
-                _ => false,
+        let spec: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&jp).unwrap()).unwrap();
+        let g = GgufFile::open(&gp).unwrap();
+        let prm = g.llama_params().unwrap();
+        let weights = spec["weights"].as_object().unwrap();
+        assert!(weights.len() >= 3);
+        for (hf_name, w) in weights {
+            let gguf_name = w["gguf_tensor"].as_str().unwrap();
+            assert_eq!(hf_tensor_name(gguf_name).as_deref(), Some(hf_name.as_str()));
+            let (shape, mut v) = g.tensor_f32(gguf_name).unwrap();
+            let torch_shape: Vec<usize> =
+                w["torch_shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+            assert_eq!(shape, torch_shape, "{hf_name}");
+            let cols = shape[1];
+            // Before unpermuting, the values sit in the GGUF rows named by the fixture.
+            for r in w["gguf_rows"].as_array().unwrap() {
+                let row = r["gguf_row"].as_u64().unwrap() as usize;
+                let want = json_f32s(&r["values"]);
+                assert_eq!(&v[row * cols..row * cols + want.len()], &want[..], "{hf_name} gguf row {row}");
+            }
+            if gguf_name.contains("attn_q") {
+                v = unpermute_qk(&v, shape[0], cols, prm.n_heads);
+            } else if gguf_name.contains("attn_k") {
+                v = unpermute_qk(&v, shape[0], cols, prm.n_kv_heads);
+            }
+            for (row, want) in w["rows_0_2_cols_0_7"].as_array().unwrap().iter().enumerate() {
+                let want = json_f32s(want);
+                assert_eq!(&v[row * cols..row * cols + want.len()], &want[..], "{hf_name} row {row}");
             }
         }
-
-        fn numbers(j: &Value) -> Option<Vec<f64>> {
-            let mut out = Vec::new();
-            fn flat(j: &Value, out: &mut Vec<f64>) -> bool {
-                match j {
-                    Value::Array(a) => a.iter().all(|x| flat(x, out)),
-                    Value::Number(n) => n.as_f64().map(|x| out.push(x)).is_some(),
-                    Value::String(s) if s == "nan" || s == "NaN" => {
-                        out.push(f64::NAN);
-                        true
-                    }
-                    _ => false,
-                }
-            }
-            flat(j, &mut out).then_some(out)
-        }
-
-        /// Returns how many values were compared; panics on a mismatch.
-        pub fn compare(g: &GgufFile, spec: &Value) -> usize {
-            let mut n = 0;
-            let meta = spec.get("metadata").or_else(|| spec.get("kv"));
-            if let Some(Value::Object(m)) = meta {
-                for (k, j) in m {
-                    let v = g.metadata().get(k).unwrap_or_else(|| panic!("key {k} missing"));
-                    assert!(same(v, j), "key {k}: {v:?} vs {j}");
-                    n += 1;
-                }
-            }
-            let tensors: Vec<(String, &Value)> = match spec.get("tensors") {
-                Some(Value::Object(o)) => o.iter().map(|(k, v)| (k.clone(), v)).collect(),
-                Some(Value::Array(a)) => a
-                    .iter()
-                    .filter_map(|t| Some((t.get("name")?.as_str()?.to_string(), t)))
-                    .collect(),
-                _ => Vec::new(),
-            };
-            for (name, t) in tensors {
-                let info = g.tensor_info(&name).unwrap_or_else(|| panic!("tensor {name} missing"));
-                if let Some(s) = t.get("shape").and_then(numbers) {
-                    let s: Vec<usize> = s.iter().map(|&x| x as usize).collect();
-                    assert!(s == info.shape() || s == info.dims.iter().map(|&d| d as usize).collect::<Vec<_>>(),
-                        "{name}: shape {s:?} vs {:?}", info.shape());
-                }
-                let vals = ["values", "data", "dequantized", "f32"]
-                    .iter()
-                    .find_map(|k| t.get(*k).and_then(numbers));
-                if let Some(want) = vals {
-                    let (_, got) = g.tensor_f32(&name).unwrap();
-                    assert_eq!(got.len(), want.len(), "{name}");
-                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                        assert!(close(*a as f64, *b), "{name}[{i}]: {a} vs {b}");
-                    }
-                    n += 1;
-                }
-            }
-            n
-        }
+        let h = &spec["hand_decoded_q4_1"];
+        let (_, q) = g.tensor_f32(h["tensor"].as_str().unwrap()).unwrap();
+        let (row, col) = (h["gguf_row"].as_u64().unwrap() as usize, h["col"].as_u64().unwrap() as usize);
+        assert_eq!(q[row * 576 + col], h["value"].as_f64().unwrap() as f32);
     }
 }
