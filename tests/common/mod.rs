@@ -1,0 +1,46 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+/// A committed fixture path.
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+/// The SmolLM2 GGUF fetched by scripts/fetch-assets.sh, or None (tests then skip, saying so).
+pub fn smollm2() -> Option<PathBuf> {
+    let dir = std::env::var_os("TEMPER_ASSETS").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("assets"));
+    let p = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!("SKIPPED: {} is absent (run scripts/fetch-assets.sh)", p.display());
+        None
+    }
+}
+
+/// A fresh empty folder under the target directory.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create scratch dir");
+    d
+}
+
+/// Copies a fixture model folder into a scratch folder (to corrupt it there).
+pub fn copy_model(name: &str, to: &str) -> PathBuf {
+    let src = fixture(&format!("models/{name}"));
+    let dst = scratch_dir(to);
+    for e in std::fs::read_dir(&src).expect("fixture dir") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), dst.join(e.file_name())).expect("copy");
+    }
+    dst
+}
+
+/// Runs the temper binary; returns (success, stdout, stderr).
+pub fn temper(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_temper")).args(args).output().expect("run temper");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
