@@ -86,3 +86,24 @@ fn cli_chat_generation_prints_the_reference_answer_as_json() {
     assert_eq!(ids(&v["token_ids"]), ids(&r["output_ids"]));
     assert_eq!(v["text"], r["output_text"]);
 }
+
+#[test]
+fn stop_strings_and_seeded_sampling() {
+    let Some(path) = common::smollm2() else { return };
+    let r = json("smollm2_greedy.json");
+    let model = Llama::load(&path, DType::F32).unwrap();
+    let tk = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+    let prompt = ids(&r["prompt_ids"]);
+    let cfg = GenerationConfig { max_new_tokens: 40, eos_token_ids: vec![2], stop_strings: vec!["France".into()], ..Default::default() };
+    let out = generate(&model, &[prompt.clone()], &cfg, Some(&tk)).unwrap();
+    assert_eq!(out.finish[0], temper::generate::FinishReason::StopString);
+    assert_eq!(tk.decode(&out.tokens[0], true).unwrap(), "The capital of France");
+
+    let sampled = |seed| {
+        let s = temper::generate::Sampling::Sample { temperature: 0.9, top_k: Some(50), top_p: Some(0.95), seed };
+        generate(&model, &[prompt.clone(), prompt.clone()], &GenerationConfig { max_new_tokens: 12, sampling: s, eos_token_ids: vec![2], ..Default::default() }, None)
+            .unwrap()
+            .tokens
+    };
+    assert_eq!(sampled(7), sampled(7), "the same seed gives the same samples");
+}

@@ -68,3 +68,30 @@ impl AdamW {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ops, Device};
+
+    /// Three steps on loss = Σ p³ + Σ c∘p must land where torch.optim.AdamW(lr=0.01, betas=(0.9, 0.99),
+    /// eps=1e-6, weight_decay=0.1) lands. Reference printed by torch 2.15 (float32):
+    /// `p=[1,-2,0.5,3]; for 3 steps: loss=(p*p*p).sum()+(p*[1,2,3,4]).sum(); backward; step`.
+    #[test]
+    fn three_steps_match_torch_adamw() {
+        let p = Tensor::from_vec(vec![1.0f32, -2.0, 0.5, 3.0], &[4], Device::Cpu).unwrap().requires_grad();
+        let c = Tensor::from_vec(vec![1.0f32, 2.0, 3.0, 4.0], &[4], Device::Cpu).unwrap();
+        let mut opt = AdamW::new(vec![p.clone()], 0.01);
+        (opt.beta2, opt.eps, opt.weight_decay) = (0.99, 1e-6, 0.1);
+        for _ in 0..3 {
+            let cube = ops::mul(&ops::mul(&p, &p).unwrap(), &p).unwrap();
+            let loss = ops::add(&ops::sum(&cube).unwrap(), &ops::sum(&ops::mul(&p, &c).unwrap()).unwrap()).unwrap();
+            opt.step(&loss.backward().unwrap()).unwrap();
+        }
+        let want = [0.967_048_8f32, -2.023_982, 0.468_539_06, 2.961_046];
+        for (a, b) in p.to_vec::<f32>().unwrap().iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        assert_eq!(opt.steps(), 3);
+    }
+}
