@@ -18,6 +18,7 @@ pub struct Shape {
     pub seq: usize,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn config(vocab: usize, hidden: usize, inter: usize, layers: usize, heads: usize, kv: usize, theta: f64, tied: bool) -> ModelConfig {
     ModelConfig {
         architecture: Architecture::Llama,

@@ -141,7 +141,7 @@ fn no_adapter_yet(adapter: &Option<PathBuf>) -> Result<()> {
 fn forward(a: ForwardArgs) -> Result<()> {
     no_adapter_yet(&a.adapter)?;
     let mut model = Llama::load(&a.model, DType::F32)?;
-    let files = SafetensorsFiles::open_files(&[a.inputs.clone()])?;
+    let files = SafetensorsFiles::open_files(std::slice::from_ref(&a.inputs))?;
     let load_i64 = |name: &str| -> Result<Option<Tensor>> {
         if !files.contains(name) {
             return Ok(None);

@@ -213,10 +213,7 @@ impl Tensor {
     pub fn to_vec<T: HostType>(&self) -> Result<Vec<T>> {
         ensure_dtype(self, T::DTYPE, "to_vec")?;
         let s = self.contiguous_storage()?;
-        let cpu = match &*s {
-            Storage::Cpu(c) => c,
-        };
-        Ok(host_slice::<T>(cpu).to_vec())
+        Ok(host_slice::<T>(s.as_cpu()).to_vec())
     }
 
     /// The elements converted to f64 (any dtype).
