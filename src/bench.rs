@@ -65,15 +65,8 @@ pub fn peak_rss_bytes() -> u64 {
 }
 
 fn token_ids(n: usize, vocab: usize, seed: u64) -> Vec<i64> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % vocab as u64) as i64
-        })
-        .collect()
+    let mut rng = temper_runtime::rng::Rng::new(seed);
+    (0..n).map(|_| rng.below(vocab as u64) as i64).collect()
 }
 
 /// One full fine-tune step (forward, loss, backward, AdamW), `steps` times after one warm-up.

@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::models::Llama;
+use crate::rng::Rng;
 use crate::tokenizer::Tokenizer;
 
 /// How the next token is chosen.
@@ -50,19 +51,6 @@ pub struct Generation {
     pub prompt_tokens: usize,
 }
 
-/// SplitMix64: small, fast, reproducible from a seed.
-struct Rng(u64);
-impl Rng {
-    fn next_f64(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 fn argmax(row: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &v) in row.iter().enumerate() {
@@ -102,7 +90,7 @@ fn sample(row: &[f32], temperature: f64, top_k: Option<usize>, top_p: Option<f64
         let t: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|q| *q /= t);
     }
-    let u = rng.next_f64();
+    let u = rng.uniform();
     let mut acc = 0.0;
     for (j, &q) in probs.iter().enumerate() {
         acc += q;
@@ -142,7 +130,7 @@ pub fn generate(model: &Llama, prompts: &[Vec<u32>], cfg: &GenerationConfig, tok
         next_pos[r] = p.len() as i64;
     }
     let mut cache = model.new_cache(b, plen + cfg.max_new_tokens)?;
-    let mut rng = Rng(match cfg.sampling {
+    let mut rng = Rng::new(match cfg.sampling {
         Sampling::Sample { seed, .. } => seed,
         Sampling::Greedy => 0,
     });
@@ -197,7 +185,7 @@ mod tests {
     #[test]
     fn top_k_one_and_zero_temperature_are_greedy() {
         let row = [0.1f32, 2.0, 1.9, -1.0];
-        let mut rng = Rng(7);
+        let mut rng = Rng::new(7);
         for _ in 0..20 {
             assert_eq!(sample(&row, 1.0, Some(1), None, &mut rng), 1);
             assert_eq!(sample(&row, 0.0, None, None, &mut rng), 1);
@@ -207,12 +195,12 @@ mod tests {
     #[test]
     fn top_p_keeps_only_the_nucleus_and_seed_reproduces() {
         let row = [5.0f32, 4.9, -10.0, -10.0];
-        let mut rng = Rng(1);
+        let mut rng = Rng::new(1);
         let draws: Vec<u32> = (0..200).map(|_| sample(&row, 1.0, None, Some(0.9), &mut rng)).collect();
         assert!(draws.iter().all(|&t| t < 2), "only the two likely tokens are in the nucleus");
         assert!(draws.contains(&0) && draws.contains(&1));
-        let mut a = Rng(3);
-        let mut b = Rng(3);
+        let mut a = Rng::new(3);
+        let mut b = Rng::new(3);
         let x: Vec<u32> = (0..50).map(|_| sample(&row, 2.0, None, None, &mut a)).collect();
         let y: Vec<u32> = (0..50).map(|_| sample(&row, 2.0, None, None, &mut b)).collect();
         assert_eq!(x, y);

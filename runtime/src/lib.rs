@@ -16,3 +16,4 @@ pub mod generate;
 pub mod tokenizer;
 pub mod optim;
 pub mod chat_template;
+pub mod rng;

@@ -42,15 +42,8 @@ pub fn max_gradient_error(
     Ok(worst)
 }
 
-/// Deterministic pseudo-random values in [-1, 1) for tests (xorshift; no dependency).
+/// Deterministic pseudo-random values in [-1, 1) for tests.
 pub fn test_values(n: usize, seed: u64) -> Vec<f64> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-        })
-        .collect()
+    let mut rng = crate::rng::Rng::new(seed);
+    (0..n).map(|_| rng.uniform() * 2.0 - 1.0).collect()
 }

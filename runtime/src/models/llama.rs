@@ -194,20 +194,13 @@ impl Llama {
 
     /// A randomly initialised model (weights ~ N(0, std²), norms 1) for benchmarks and tests.
     pub fn random(config: ModelConfig, std: f64, seed: u64, dtype: DType) -> Result<Llama> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut uniform = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-        };
+        let mut rng = crate::rng::Rng::new(seed);
         Self::from_source(config, &mut |name, shape| {
             let n: usize = shape.iter().product();
             let data: Vec<f32> = if name.ends_with("norm.weight") {
                 vec![1.0; n]
             } else {
-                // Box–Muller: two uniforms give one standard normal.
-                (0..n).map(|_| (std * (-2.0 * uniform().ln()).sqrt() * (2.0 * std::f64::consts::PI * uniform()).cos()) as f32).collect()
+                (0..n).map(|_| (std * rng.normal()) as f32).collect()
             };
             Tensor::from_vec(data, shape, Device::Cpu)?.to_dtype(dtype)
         })
