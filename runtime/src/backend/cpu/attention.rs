@@ -114,7 +114,7 @@ struct Ctx<'a, T> {
 
 impl<'a, T: Float> Ctx<'a, T> {
     fn new(s: &AttnShape, m: &AttnMask<'a>, scale: T, q: &'a [T], k: &'a [T], v: &'a [T]) -> Self {
-        assert!(s.n_kv_heads > 0 && s.n_heads % s.n_kv_heads == 0, "attention: n_heads must be a multiple of n_kv_heads");
+        assert!(s.n_kv_heads > 0 && s.n_heads / s.n_kv_heads * s.n_kv_heads == s.n_heads, "attention: n_heads must be a multiple of n_kv_heads");
         assert!(s.head_dim > 0, "attention: head_dim must be positive");
         assert!(s.kv_len <= s.kv_cap, "attention: kv_len > kv_cap");
         assert_eq!(q.len(), s.q_elems(), "attention: q length");
