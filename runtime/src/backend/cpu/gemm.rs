@@ -42,12 +42,28 @@ pub fn matmul<T: Float>(
         }
         return;
     }
-    // Bounds: the last element each operand touches must be in range (gemm takes raw pointers).
+    check_operands(m, n, k, &a, &b);
+    assert!(c.len() >= (m - 1) * ldc + n, "gemm: dst too short");
+    // SAFETY: `c` covers every element written (asserted above).
+    unsafe { gemm_raw(m, n, k, a, b, c.as_mut_ptr(), ldc, accumulate) }
+}
+
+/// Bounds: the last element each operand touches must be in range (gemm takes raw pointers).
+/// Needs m, n, k > 0.
+fn check_operands<T>(m: usize, n: usize, k: usize, a: &Mat<'_, T>, b: &Mat<'_, T>) {
     let (a_rows, a_cols) = if a.trans { (k, m) } else { (m, k) };
     let (b_rows, b_cols) = if b.trans { (n, k) } else { (k, n) };
     assert!(a.data.len() >= (a_rows - 1) * a.ld + a_cols, "gemm: lhs too short");
     assert!(b.data.len() >= (b_rows - 1) * b.ld + b_cols, "gemm: rhs too short");
-    assert!(c.len() >= (m - 1) * ldc + n, "gemm: dst too short");
+}
+
+/// The GEMM behind [`matmul`], writing through a raw destination pointer.
+///
+/// # Safety
+/// `c` must be valid for writes of rows `0..m` × columns `0..n` with leading dimension `ldc`, and for
+/// reads of them when `accumulate`; the operands must cover their extents (checked by the callers).
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw<T: Float>(m: usize, n: usize, k: usize, a: Mat<'_, T>, b: Mat<'_, T>, c: *mut T, ldc: usize, accumulate: bool) {
     let (a_rs, a_cs) = if a.trans { (1, a.ld as isize) } else { (a.ld as isize, 1) };
     let (b_rs, b_cs) = if b.trans { (1, b.ld as isize) } else { (b.ld as isize, 1) };
     let par = if m * n * k >= PARALLEL_MIN_FLOPS && rayon::current_num_threads() > 1 {
@@ -55,13 +71,13 @@ pub fn matmul<T: Float>(
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the asserts above bound every index gemm reads or writes.
+    // SAFETY: the callers' checks bound every index gemm reads or writes.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c,
             1,
             ldc as isize,
             accumulate,
@@ -79,6 +95,23 @@ pub fn matmul<T: Float>(
             par,
         );
     }
+}
+
+/// `op(a)[m,k] · op(b)[k,n]` into a new `[m,n]` vector, without zero-filling it first (GEMM
+/// overwrites every element; zero-filling large outputs cost a page-clearing pass per step).
+pub fn matmul_new<T: Float>(m: usize, n: usize, k: usize, a: Mat<'_, T>, b: Mat<'_, T>) -> Vec<T> {
+    if k == 0 || m == 0 || n == 0 {
+        return vec![T::zero(); m * n];
+    }
+    check_operands(m, n, k, &a, &b);
+    let mut c: Vec<T> = Vec::with_capacity(m * n);
+    // SAFETY: the capacity covers m·n elements; with accumulate = false gemm never reads the
+    // destination and writes all m·n elements, so the vector is initialised before set_len.
+    unsafe {
+        gemm_raw(m, n, k, a, b, c.as_mut_ptr(), n, false);
+        c.set_len(m * n);
+    }
+    c
 }
 
 #[cfg(test)]

@@ -282,22 +282,19 @@ impl BackendStorage for CpuStorage {
     fn matmul(&self, rhs: &Self, p: &MatmulParams) -> Result<Self> {
         with_float!("matmul", self, |a| {
             let b = same("matmul", a, rhs)?;
-            let mut c = vec![<_ as Float>::of(0.0); p.batch * p.m * p.n];
-            let (sa, sb, sc) = (p.m * p.k, if p.b_batched { p.k * p.n } else { 0 }, p.m * p.n);
+            let (sa, sb) = (p.m * p.k, if p.b_batched { p.k * p.n } else { 0 });
             let lda = if p.trans_a { p.m } else { p.k };
             let ldb = if p.trans_b { p.k } else { p.n };
-            for i in 0..p.batch {
-                gemm::matmul(
+            let product = |i: usize| {
+                gemm::matmul_new(
                     p.m,
                     p.n,
                     p.k,
                     gemm::Mat { data: &a[i * sa..(i + 1) * sa], ld: lda, trans: p.trans_a },
                     gemm::Mat { data: &b[i * sb..i * sb + p.k * p.n], ld: ldb, trans: p.trans_b },
-                    &mut c[i * sc..(i + 1) * sc],
-                    p.n,
-                    false,
-                );
-            }
+                )
+            };
+            let c = if p.batch == 1 { product(0) } else { (0..p.batch).flat_map(product).collect() };
             Ok(FloatVec::wrap(c))
         })
     }
