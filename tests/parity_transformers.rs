@@ -117,3 +117,24 @@ fn greedy_generation_with_left_padding_matches_transformers() {
         }
     }
 }
+
+#[test]
+fn f16_weights_load_and_stay_close_to_the_f32_reference() {
+    // Rewrite a fixture's checkpoint in F16 with our own writer, load it back, and compare with
+    // transformers' logits at the tolerance F16 rounding of the weights allows.
+    let src = fixture("qwen3_qknorm");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("f16-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let f = SafetensorsFiles::open_dir(&src).unwrap();
+    let tensors: Vec<(String, Tensor)> = f.names().map(|n| (n.to_string(), f.load(n).unwrap().to_dtype(DType::F16).unwrap())).collect();
+    temper::formats::safetensors::save(&dir.join("model.safetensors"), &tensors, None).unwrap();
+    let (_, dt) = SafetensorsFiles::open_dir(&dir).unwrap().info("model.norm.weight").unwrap();
+    assert_eq!(dt, DType::F16);
+    let model = Llama::load(&dir, DType::F32).unwrap();
+    let r = Reference::open("qwen3_qknorm");
+    let logits = model.forward(&input(&r)).unwrap().to_f64_vec().unwrap();
+    let want = r.get("logits").to_f64_vec().unwrap();
+    let worst = logits.iter().zip(&want).take(12 * 128).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(worst < 2e-2 && worst > 0.0, "F16 weights: logits max abs error {worst}");
+}
