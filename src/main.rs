@@ -113,7 +113,14 @@ struct BenchArgs {
     new_tokens: usize,
 }
 
+/// mimalloc's `mi_option_purge_delay` (position 15 of `mi_option_e` in the bundled v2 header).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 fn main() -> ExitCode {
+    // Never hand freed pages back to the kernel: a training step frees and reallocates the same
+    // activation-sized buffers every step, and each purge made the kernel clear them again.
+    // SAFETY: plain option setter of the allocator, called before any threads start.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
         if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
