@@ -113,7 +113,7 @@ struct BenchArgs {
     new_tokens: usize,
 }
 
-/// mimalloc's `mi_option_purge_delay` (position 15 of `mi_option_e` in the bundled v2 header).
+/// mimalloc's `mi_option_purge_delay`: position 15 of `mi_option_e` in both bundled headers (v2, v3).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 fn main() -> ExitCode {
