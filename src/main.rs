@@ -42,7 +42,7 @@ struct ForwardArgs {
     /// A Hugging Face model folder or a .gguf file.
     #[arg(long)]
     model: PathBuf,
-    /// A PEFT adapter folder (LoRA support lands with the adapter issue).
+    /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors), applied unmerged.
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// safetensors with input_ids (I64 [B,T]), optional attention_mask and labels.
@@ -143,16 +143,18 @@ fn main() -> ExitCode {
     }
 }
 
-fn no_adapter_yet(adapter: &Option<PathBuf>) -> Result<()> {
-    match adapter {
-        None => Ok(()),
-        Some(p) => Err(Error::Unsupported(format!("--adapter {}: loading PEFT adapters arrives with the adapter (DSL) issue", p.display()))),
+/// Loads the model and, when given, applies a PEFT LoRA adapter to it (unmerged).
+fn load_model(model: &Path, adapter: &Option<PathBuf>) -> Result<Llama> {
+    let mut m = Llama::load(model, DType::F32)?;
+    if let Some(dir) = adapter {
+        let a = temper::adapters::PeftLoraAdapter::load(dir, DType::F32)?;
+        m.attach_lora(&a)?;
     }
+    Ok(m)
 }
 
 fn forward(a: ForwardArgs) -> Result<()> {
-    no_adapter_yet(&a.adapter)?;
-    let mut model = Llama::load(&a.model, DType::F32)?;
+    let mut model = load_model(&a.model, &a.adapter)?;
     let files = SafetensorsFiles::open_files(std::slice::from_ref(&a.inputs))?;
     let load_i64 = |name: &str| -> Result<Option<Tensor>> {
         if !files.contains(name) {
@@ -178,14 +180,26 @@ fn forward(a: ForwardArgs) -> Result<()> {
         if labels.is_none() {
             return Err(Error::Input(format!("--grads needs `labels` in {}", a.inputs.display())));
         }
-        let known: Vec<String> = model.named_parameters().into_iter().map(|(n, _)| n).collect();
+        // With an adapter, gradients are of the adapter's tensors (named by their PEFT keys), base frozen.
+        let known: Vec<String> = if a.adapter.is_some() {
+            model.adapter_parameters().into_iter().map(|(n, _)| n).collect()
+        } else {
+            model.named_parameters().into_iter().map(|(n, _)| n).collect()
+        };
+        let where_ = if a.adapter.is_some() { "adapter" } else { "model" };
         for g in &a.grads {
             if !known.contains(g) {
-                return Err(Error::Input(format!("--grads: the model has no parameter `{g}` (e.g. {})", known.first().map(String::as_str).unwrap_or("?"))));
+                return Err(Error::Input(format!("--grads: the {where_} has no parameter `{g}` (e.g. {})", known.first().map(String::as_str).unwrap_or("?"))));
             }
         }
         let wanted = a.grads.clone();
-        model.set_trainable(&|n| wanted.iter().any(|w| w == n))?;
+        let pred = move |n: &str| wanted.iter().any(|w| w == n);
+        if a.adapter.is_some() {
+            model.set_trainable(&|_| false)?;
+            model.set_adapter_trainable(&pred);
+        } else {
+            model.set_trainable(&pred)?;
+        }
     }
     let input = ForwardInput { input_ids, attention_mask, position_ids: None, segment_ids: None };
     let logits = model.forward(&input)?;
@@ -195,7 +209,8 @@ fn forward(a: ForwardArgs) -> Result<()> {
         out.push(("loss".to_string(), loss.detach()));
         if !a.grads.is_empty() {
             let grads = loss.backward()?;
-            for (name, p) in model.trainable_parameters() {
+            let trainable = if a.adapter.is_some() { model.adapter_parameters() } else { model.named_parameters() };
+            for (name, p) in trainable.into_iter().filter(|(_, t)| t.requires_grad_flag()) {
                 let g = grads.get(&p).ok_or_else(|| Error::Input(format!("parameter `{name}` received no gradient")))?;
                 out.push((format!("grad.{name}"), g.clone()));
             }
@@ -215,8 +230,7 @@ fn load_tokenizer(model: &Path) -> Result<Tokenizer> {
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
-    no_adapter_yet(&a.adapter)?;
-    let model = Llama::load(&a.model, DType::F32)?;
+    let model = load_model(&a.model, &a.adapter)?;
     // Prompt ids alone need no tokenizer; text output and stop strings do when one exists.
     let tokenizer = match load_tokenizer(&a.model) {
         Ok(t) => Some(t),

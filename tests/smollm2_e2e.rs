@@ -95,7 +95,7 @@ fn stop_strings_and_seeded_sampling() {
     let tk = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
     let prompt = ids(&r["prompt_ids"]);
     let cfg = GenerationConfig { max_new_tokens: 40, eos_token_ids: vec![2], stop_strings: vec!["France".into()], ..Default::default() };
-    let out = generate(&model, &[prompt.clone()], &cfg, Some(&tk)).unwrap();
+    let out = generate(&model, std::slice::from_ref(&prompt), &cfg, Some(&tk)).unwrap();
     assert_eq!(out.finish[0], temper::generate::FinishReason::StopString);
     assert_eq!(tk.decode(&out.tokens[0], true).unwrap(), "The capital of France");
 

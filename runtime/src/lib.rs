@@ -17,3 +17,4 @@ pub mod tokenizer;
 pub mod optim;
 pub mod chat_template;
 pub mod rng;
+pub mod adapters;

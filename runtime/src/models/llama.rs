@@ -5,6 +5,7 @@
 //! logits = lm_head(rmsnorm(h)) (lm_head = embed_tokens when tied).
 
 use super::kv_cache::KvCache;
+use crate::adapters::{peft, LoraDelta, PeftLoraAdapter};
 use crate::backend::{AttnMasks, AttnShape, BackendStorage, Storage};
 use crate::error::{ensure_shape, Error, Result};
 use crate::formats::gguf::{self, GgufFile};
@@ -16,17 +17,23 @@ use crate::Device;
 use std::path::Path;
 use std::sync::Arc;
 
-/// A linear layer in HF layout: weight `[out, in]`, optional bias `[out]`.
+/// A linear layer in HF layout: weight `[out, in]`, optional bias `[out]`, optional LoRA delta.
 #[derive(Clone, Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// A low-rank update applied unmerged (the base weight stays untouched).
+    pub lora: Option<LoraDelta>,
 }
 
 impl Linear {
-    /// `x·Wᵀ + b`.
+    /// `x·Wᵀ + b (+ the LoRA delta)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::linear(x, &self.weight, self.bias.as_ref())
+        let y = ops::linear(x, &self.weight, self.bias.as_ref())?;
+        match &self.lora {
+            None => Ok(y),
+            Some(d) => ops::add(&y, &d.forward(x)?),
+        }
     }
 }
 
@@ -107,6 +114,9 @@ impl DecoderLayer {
         for l in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &self.mlp.gate_proj, &self.mlp.up_proj, &self.mlp.down_proj] {
             v.push(l.weight.clone());
             v.extend(l.bias.clone());
+            if let Some(d) = &l.lora {
+                v.extend([d.lora_a.clone(), d.lora_b.clone()]);
+            }
         }
         v.extend(a.q_norm.clone());
         v.extend(a.k_norm.clone());
@@ -152,6 +162,7 @@ fn linear_from(get: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>, name: &str
     Ok(Linear {
         weight: get(&format!("{name}.weight"), &[out_f, in_f])?,
         bias: if bias { Some(get(&format!("{name}.bias"), &[out_f])?) } else { None },
+        lora: None,
     })
 }
 
@@ -322,6 +333,73 @@ impl Llama {
             visit("lm_head.weight".into(), w)?;
         }
         Ok(())
+    }
+
+    /// Every linear layer with its module path (`model.layers.0.self_attn.q_proj`).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            let a = &mut layer.self_attn;
+            for (n, lin) in [("q_proj", &mut a.q_proj), ("k_proj", &mut a.k_proj), ("v_proj", &mut a.v_proj), ("o_proj", &mut a.o_proj)] {
+                out.push((format!("model.layers.{l}.self_attn.{n}"), lin));
+            }
+            let m = &mut layer.mlp;
+            for (n, lin) in [("gate_proj", &mut m.gate_proj), ("up_proj", &mut m.up_proj), ("down_proj", &mut m.down_proj)] {
+                out.push((format!("model.layers.{l}.mlp.{n}"), lin));
+            }
+        }
+        out
+    }
+
+    /// Applies a PEFT LoRA adapter (unmerged). Errors name the adapter key whose module the model
+    /// lacks or whose shape does not fit.
+    pub fn attach_lora(&mut self, adapter: &PeftLoraAdapter) -> Result<()> {
+        let file = adapter.dir.join("adapter_model.safetensors");
+        let mut linears: std::collections::HashMap<String, &mut Linear> = self.linears_mut().into_iter().collect();
+        for (module, delta) in &adapter.deltas {
+            let lin = linears.get_mut(module).ok_or_else(|| Error::BadTensor {
+                name: peft::peft_key(module, "lora_A"),
+                msg: format!("in {}: the model has no linear layer `{module}`", file.display()),
+            })?;
+            let (out_f, in_f) = (lin.weight.shape()[0], lin.weight.shape()[1]);
+            if delta.lora_a.shape()[1] != in_f || delta.lora_b.shape()[0] != out_f {
+                return Err(Error::BadTensor {
+                    name: peft::peft_key(module, "lora_A"),
+                    msg: format!(
+                        "in {}: lora_A {:?} / lora_B {:?} do not fit `{module}` with weight [{out_f}, {in_f}]",
+                        file.display(),
+                        delta.lora_a.shape(),
+                        delta.lora_b.shape()
+                    ),
+                });
+            }
+            lin.lora = Some(delta.clone());
+        }
+        Ok(())
+    }
+
+    /// The attached LoRA tensors with their PEFT keys.
+    pub fn adapter_parameters(&mut self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (module, lin) in self.linears_mut() {
+            if let Some(d) = &lin.lora {
+                out.push((peft::peft_key(&module, "lora_A"), d.lora_a.clone()));
+                out.push((peft::peft_key(&module, "lora_B"), d.lora_b.clone()));
+            }
+        }
+        out
+    }
+
+    /// Marks the attached LoRA tensors whose PEFT keys satisfy `pred` as trainable (others frozen).
+    pub fn set_adapter_trainable(&mut self, pred: &dyn Fn(&str) -> bool) {
+        for (module, lin) in self.linears_mut() {
+            if let Some(d) = &mut lin.lora {
+                let a = peft::peft_key(&module, "lora_A");
+                let b = peft::peft_key(&module, "lora_B");
+                d.lora_a = if pred(&a) { d.lora_a.requires_grad() } else { d.lora_a.detach() };
+                d.lora_b = if pred(&b) { d.lora_b.requires_grad() } else { d.lora_b.detach() };
+            }
+        }
     }
 
     /// Marks the parameters whose names satisfy `pred` as trainable (and the others as frozen).
