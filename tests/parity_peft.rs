@@ -94,3 +94,26 @@ fn adapter_that_does_not_fit_the_model_is_named() {
     let e = PeftLoraAdapter::load(&bad, DType::F32).unwrap_err().to_string();
     assert!(e.contains("adapter_config.json") && e.contains("use_dora"), "{e}");
 }
+
+#[test]
+fn generation_with_an_adapter_uses_it() {
+    let model = fixture("models/llama_gqa_llama3rope");
+    let dir = fixture("adapters/llama_rslora");
+    let args = |adapter: bool| {
+        let mut a = vec!["generate", "--model", model.to_str().unwrap(), "--prompt-ids", "1,7,9,30,4", "--max-new-tokens", "6", "--greedy", "--json"];
+        if adapter {
+            a.extend(["--adapter", dir.to_str().unwrap()]);
+        }
+        let (ok, out, err) = temper(&a);
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["token_ids"].clone()
+    };
+    // Greedy continuation with the adapter equals the library path with the adapter attached.
+    let mut m = Llama::load(&model, DType::F32).unwrap();
+    m.attach_lora(&PeftLoraAdapter::load(&dir, DType::F32).unwrap()).unwrap();
+    let cfg = temper::generate::GenerationConfig { max_new_tokens: 6, eos_token_ids: vec![2], ..Default::default() };
+    let lib = temper::generate::generate(&m, &[vec![1, 7, 9, 30, 4]], &cfg, None).unwrap();
+    let with = args(true);
+    assert_eq!(with, serde_json::json!(lib.tokens[0]));
+    assert_ne!(with, args(false), "the adapter changes the continuation");
+}
