@@ -336,6 +336,21 @@ impl Llama {
     }
 
     /// Every linear layer with its module path (`model.layers.0.self_attn.q_proj`).
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let (a, m) = (&layer.self_attn, &layer.mlp);
+            for (n, lin) in [("self_attn.q_proj", &a.q_proj), ("self_attn.k_proj", &a.k_proj), ("self_attn.v_proj", &a.v_proj), ("self_attn.o_proj", &a.o_proj)]
+                .into_iter()
+                .chain([("mlp.gate_proj", &m.gate_proj), ("mlp.up_proj", &m.up_proj), ("mlp.down_proj", &m.down_proj)])
+            {
+                out.push((format!("model.layers.{l}.{n}"), lin));
+            }
+        }
+        out
+    }
+
+    /// [`Llama::linears`], mutably.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
         let mut out = Vec::new();
         for (l, layer) in self.layers.iter_mut().enumerate() {
@@ -379,9 +394,9 @@ impl Llama {
     }
 
     /// The attached LoRA tensors with their PEFT keys.
-    pub fn adapter_parameters(&mut self) -> Vec<(String, Tensor)> {
+    pub fn adapter_parameters(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
-        for (module, lin) in self.linears_mut() {
+        for (module, lin) in self.linears() {
             if let Some(d) = &lin.lora {
                 out.push((peft::peft_key(&module, "lora_A"), d.lora_a.clone()));
                 out.push((peft::peft_key(&module, "lora_B"), d.lora_b.clone()));
