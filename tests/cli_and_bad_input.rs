@@ -37,7 +37,7 @@ fn forward_writes_logits_loss_and_requested_gradients_matching_transformers() {
     for n in names.split(',') {
         let g = got.load(&format!("grad.{n}")).unwrap().to_f64_vec().unwrap();
         let w = want.load(&format!("grad.{n}")).unwrap().to_f64_vec().unwrap();
-        let err: f64 = g.iter().zip(&w).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt() / w.iter().map(|b| b * b).sum::<f64>().sqrt();
+        let err = common::relative_error(&g, &w);
         assert!(err < 1e-3, "{n}: {err}");
     }
     let names: Vec<String> = got.names().map(String::from).collect();

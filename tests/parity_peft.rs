@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{fixture, scratch_dir, temper};
+use common::{fixture, relative_error, scratch_dir, temper};
 use temper::adapters::PeftLoraAdapter;
 use temper::formats::safetensors::SafetensorsFiles;
 use temper::models::{ForwardInput, Llama};
@@ -12,10 +12,6 @@ use temper::DType;
 
 const ADAPTERS: [&str; 2] = ["llama_lora", "llama_rslora"];
 
-fn relative_error(a: &[f64], b: &[f64]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
-    num / b.iter().map(|y| y * y).sum::<f64>().sqrt().max(1e-30)
-}
 
 #[test]
 fn lora_logits_loss_and_gradients_match_peft() {

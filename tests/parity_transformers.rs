@@ -2,6 +2,9 @@
 //! `tools/gen_fixtures.py`, read here without Python): logits, loss, every parameter's gradient,
 //! and greedy generation with left padding.
 
+mod common;
+
+use common::relative_error;
 use std::path::{Path, PathBuf};
 use temper::formats::safetensors::SafetensorsFiles;
 use temper::generate::{generate, GenerationConfig};
@@ -58,11 +61,6 @@ fn logits_and_loss_match_transformers() {
     }
 }
 
-fn relative_error(a: &[f64], b: &[f64]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
-    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-    num / den.max(1e-30)
-}
 
 fn check_gradients(name: &str, checkpointing: bool) {
     let mut model = Llama::load(&fixture(name), DType::F32).unwrap();

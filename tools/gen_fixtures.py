@@ -379,12 +379,17 @@ def probe_sliding_window(window):
     return [i for i in range(SEQ) if diff[i] > 1e-12]
 
 
+def fresh_dir(path):
+    """An empty folder at `path` (what was there is removed: fixtures are always rebuilt whole)."""
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.makedirs(path)
+    return path
+
+
 def build_one(spec):
     name = spec["name"]
-    out = os.path.join(OUT_DIR, name)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.makedirs(out)
+    out = fresh_dir(os.path.join(OUT_DIR, name))
 
     cfg = make_config(spec)
     torch.manual_seed(spec["seed"])

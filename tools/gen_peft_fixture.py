@@ -16,7 +16,6 @@ Nothing is downloaded. Deterministic: same files for the same peft / transformer
 
 import json
 import os
-import shutil
 import sys
 
 import torch
@@ -109,10 +108,7 @@ def independent_forward(base_ref, saved, scale, ids, mask, labels):
 
 def build_adapter(spec):
     name = spec["name"]
-    out = os.path.join(OUT_DIR, name)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.makedirs(out)
+    out = gf.fresh_dir(os.path.join(OUT_DIR, name))
 
     base_ref = load_file(os.path.join(BASE_DIR, "reference.safetensors"))
     ids, mask, labels = base_ref["input_ids"], base_ref["attention_mask"], base_ref["labels"]
