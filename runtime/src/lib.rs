@@ -18,3 +18,16 @@ pub mod optim;
 pub mod chat_template;
 pub mod rng;
 pub mod adapters;
+pub mod module;
+
+// Generated code names everything `::temper::…`; inside the runtime that is the runtime itself,
+// in users' crates it is the facade, which re-exports the runtime at the same paths.
+extern crate self as temper;
+
+#[doc(hidden)]
+pub mod __private {
+    pub use serde;
+}
+
+pub use module::{Module, ModuleExt};
+pub use temper_macros::{adapter, Module};

@@ -1,7 +1,13 @@
 //! Adapters on linear layers. Today: LoRA deltas and PEFT's on-disk format (load); the `#[adapter]`
 //! DSL, training and saving arrive with the adapter issue and build on [`LoraDelta`].
 
+pub mod adapter;
+pub mod config;
+pub mod init;
 pub mod peft;
+
+pub use adapter::{Adapter, BaseLayer, InitCx, InitFn};
+pub use config::{AdapterConfig, Targets};
 
 use crate::error::Result;
 use crate::ops;

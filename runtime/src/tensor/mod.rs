@@ -228,6 +228,14 @@ impl Tensor {
         Ok(self.to_f64_vec()?[0])
     }
 
+    /// This tensor on `device` (a handle to the same storage when it already lives there).
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        if device == self.device() {
+            return Ok(self.clone());
+        }
+        Err(Error::Unsupported(format!("moving a tensor from {:?} to {device:?}", self.device())))
+    }
+
     /// A copy converted to `dtype` (constant: no gradient flows through a dtype change).
     pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
         let s = self.contiguous_storage()?;

@@ -1,0 +1,109 @@
+//! The [`Adapter`] trait: what `#[adapter]` implements for a struct, and what the model calls.
+//!
+//! An adapter wraps one linear layer `y = x·Wᵀ + b` and adds a delta: `y' = y + delta(x)`.
+//! One instance lives on each adapted layer, holding that layer's parameters and hyper-parameters
+//! (ranks may differ per layer through patterns).
+
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+use crate::tensor::{DType, Tensor};
+use crate::{ops, Device};
+
+/// What an adapter sees of the linear layer it wraps.
+#[derive(Clone, Copy)]
+pub struct BaseLayer<'a> {
+    /// Module path, `model.layers.0.self_attn.q_proj`.
+    pub module: &'a str,
+    /// `[out_features, in_features]`.
+    pub weight: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    /// The base layer's output `x·Wᵀ + b` for the current input (in [`Adapter::forward`]).
+    pub out: Option<&'a Tensor>,
+    /// Training mode: dropout is active.
+    pub training: bool,
+}
+
+impl BaseLayer<'_> {
+    pub fn in_features(&self) -> usize {
+        self.weight.shape()[1]
+    }
+    pub fn out_features(&self) -> usize {
+        self.weight.shape()[0]
+    }
+    /// The base output, or an error naming the module when the caller did not provide it.
+    pub fn out(&self) -> Result<&Tensor> {
+        self.out.ok_or_else(|| Error::Input(format!("adapter on `{}` needs the base layer's output", self.module)))
+    }
+}
+
+/// What a parameter initialiser is given.
+pub struct InitCx<'a> {
+    pub base: BaseLayer<'a>,
+    /// The parameter's key (`lora_A.weight`).
+    pub key: &'a str,
+    /// The shape the adapter declared, with hyper-parameters substituted.
+    pub shape: &'a [usize],
+    pub dtype: DType,
+    pub rng: &'a mut Rng,
+}
+
+/// A parameter initialiser: `init = zeros`, `init = kaiming_uniform`, or a user's own function.
+pub type InitFn = fn(&mut InitCx<'_>) -> Result<Tensor>;
+
+/// An adapter type. Write it with `#[adapter]`; implement by hand only for unusual cases.
+pub trait Adapter: Clone + Send + Sync + 'static {
+    /// The hyper-parameters (generated `<Name>Config` struct, one field per `#[hyper]`).
+    type Config: Clone + std::fmt::Debug + serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static;
+    /// The adapter's name (`Lora`, `Dora`, the user's struct name).
+    const NAME: &'static str;
+    /// Builds this adapter for one layer: hyper-parameters from `config`, each parameter from its
+    /// initialiser. `rng` is seeded per layer so results do not depend on traversal order.
+    fn init(config: &Self::Config, base: BaseLayer<'_>, rng: &mut Rng) -> Result<Self>;
+    /// The hyper-parameters of this instance.
+    fn config(&self) -> Self::Config;
+    /// Each parameter with its key relative to the layer, in declaration order.
+    fn visit_params(&self, f: &mut dyn FnMut(&'static str, &Tensor));
+    /// Each parameter, mutably.
+    fn visit_params_mut(&mut self, f: &mut dyn FnMut(&'static str, &mut Tensor) -> Result<()>) -> Result<()>;
+    /// Learning-rate multiplier of a parameter (LoRA+ trains `lora_B` faster).
+    fn lr_scale(&self, _key: &str) -> f64 {
+        1.0
+    }
+    /// The delta added to the base output.
+    fn forward(&self, x: &Tensor, base: BaseLayer<'_>) -> Result<Tensor>;
+    /// Runs once after every parameter is initialised; may rewrite the base weight (PiSSA and
+    /// OLoRA move the principal part of W into the adapter).
+    fn after_init(&mut self, _weight: &mut Tensor) -> Result<()> {
+        Ok(())
+    }
+    /// The base weight with this adapter folded in. Default: `W + ΔW` with `ΔW` read off
+    /// `forward` on the identity — right for every adapter whose delta is linear in `x`.
+    fn merge(&mut self, base: BaseLayer<'_>) -> Result<Tensor> {
+        ops::add(base.weight, &delta_weight(self, base)?.to_dtype(base.weight.dtype())?)
+    }
+    /// Undoes [`Adapter::merge`] on `base.weight` (the merged weight).
+    fn unmerge(&mut self, base: BaseLayer<'_>) -> Result<Tensor> {
+        ops::sub(base.weight, &delta_weight(self, base)?.to_dtype(base.weight.dtype())?)
+    }
+}
+
+/// `ΔW` `[out, in]` of an adapter whose delta is linear in `x`: `forward(I)ᵀ`.
+pub fn delta_weight<A: Adapter + ?Sized>(a: &A, base: BaseLayer<'_>) -> Result<Tensor> {
+    let n = base.in_features();
+    let mut eye = vec![0f32; n * n];
+    for i in 0..n {
+        eye[i * n + i] = 1.0;
+    }
+    crate::autograd::no_grad(|| {
+        let eye = Tensor::from_vec(eye, &[n, n], Device::Cpu)?.to_dtype(a_dtype(a, base))?;
+        let out = ops::linear(&eye, base.weight, None)?;
+        let d = a.forward(&eye, BaseLayer { out: Some(&out), training: false, ..base })?;
+        ops::transpose(&d, 0, 1)?.contiguous()
+    })
+}
+
+fn a_dtype<A: Adapter + ?Sized>(a: &A, base: BaseLayer<'_>) -> DType {
+    let mut d = base.weight.dtype();
+    a.visit_params(&mut |_, t| d = t.dtype());
+    d
+}
