@@ -6,6 +6,7 @@ use std::time::Instant;
 use temper_runtime::formats::hf_config::{Architecture, ModelConfig};
 use temper_runtime::generate::{generate, GenerationConfig};
 use temper_runtime::models::{ForwardInput, Llama};
+use temper_runtime::ModuleExt;
 use temper_runtime::ops::RopeScaling;
 use temper_runtime::optim::AdamW;
 use temper_runtime::{DType, Device, Error, Result, Tensor};
@@ -73,7 +74,7 @@ fn token_ids(n: usize, vocab: usize, seed: u64) -> Vec<i64> {
 /// Returns tokens per second.
 pub fn train(shape: &Shape, steps: usize) -> Result<f64> {
     let mut model = Llama::random(shape.config.clone(), 0.02, 0, DType::F32)?;
-    model.set_trainable(&|_| true)?;
+    model.unfreeze(".")?;
     let params: Vec<Tensor> = model.named_parameters().into_iter().map(|(_, t)| t).collect();
     let mut opt = AdamW::new(params, 1e-4);
     let (b, t) = (shape.batch, shape.seq);

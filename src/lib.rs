@@ -20,7 +20,11 @@ pub use temper_runtime::*;
 
 /// The names most programs need.
 pub mod prelude {
+    pub use temper_runtime::adapters::{AdapterConfig, AdapterHost, BaseLayer, Dora, Lora, Targets};
     pub use temper_runtime::generate::{generate, GenerationConfig, Sampling};
+    pub use temper_runtime::loss::{ce, kl, kl_to};
+    pub use temper_runtime::train::{Batch, Trainer};
+    pub use temper_runtime::{adapter, Module, ModuleExt};
     pub use temper_runtime::models::{ForwardInput, Llama};
     pub use temper_runtime::optim::AdamW;
     pub use temper_runtime::tokenizer::Tokenizer;

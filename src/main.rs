@@ -11,7 +11,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 use temper::formats::safetensors::{self as st, SafetensorsFiles};
 use temper::generate::{generate, GenerationConfig, Sampling};
+use temper::adapters::{Adapter, AdapterHost, Dora, Lora};
 use temper::models::{ForwardInput, Llama};
+use temper::module::{Module, ParamRole};
 use temper::tokenizer::Tokenizer;
 use temper::{DType, Error, Result, Tensor};
 
@@ -143,18 +145,58 @@ fn main() -> ExitCode {
     }
 }
 
-/// Loads the model and, when given, applies a PEFT LoRA adapter to it (unmerged).
-fn load_model(model: &Path, adapter: &Option<PathBuf>) -> Result<Llama> {
-    let mut m = Llama::load(model, DType::F32)?;
-    if let Some(dir) = adapter {
-        let a = temper::adapters::PeftLoraAdapter::load(dir, DType::F32)?;
-        m.attach_lora(&a)?;
+/// The model, with the adapter folder's type when one is given (PEFT LoRA or DoRA, unmerged).
+enum Loaded {
+    Base(Llama),
+    Lora(Llama<Lora>),
+    Dora(Llama<Dora>),
+}
+
+/// Runs `$body` with `$m` bound to whichever model was loaded (each arm is monomorphised).
+macro_rules! with_loaded {
+    ($loaded:expr, $m:ident => $body:expr) => {
+        match $loaded {
+            Loaded::Base($m) => $body,
+            Loaded::Lora($m) => $body,
+            Loaded::Dora($m) => $body,
+        }
+    };
+}
+
+fn load_model(model: &Path, adapter: &Option<PathBuf>) -> Result<Loaded> {
+    let m = Llama::load(model, DType::F32)?;
+    let Some(dir) = adapter else { return Ok(Loaded::Base(m)) };
+    let cfg_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, format!("invalid JSON: {e}")))?;
+    if v.get("peft_type").and_then(|t| t.as_str()) == Some("TEMPER") {
+        let name = v.get("temper_adapter").and_then(|t| t.as_str()).unwrap_or("?");
+        return Err(Error::Config { path: cfg_path, key: "temper_adapter".into(), msg: format!("`{name}` is a user-defined adapter: load it from the program that defines it") });
     }
-    Ok(m)
+    if v.get("use_dora").and_then(|t| t.as_bool()) == Some(true) {
+        let mut m = m.into_adapter_type::<Dora>()?;
+        m.load_adapter::<Dora>(dir, "default")?;
+        Ok(Loaded::Dora(m))
+    } else {
+        let mut m = m.into_adapter_type::<Lora>()?;
+        m.load_adapter::<Lora>(dir, "default")?;
+        Ok(Loaded::Lora(m))
+    }
 }
 
 fn forward(a: ForwardArgs) -> Result<()> {
-    let mut model = load_model(&a.model, &a.adapter)?;
+    with_loaded!(load_model(&a.model, &a.adapter)?, m => forward_with(m, &a))
+}
+
+/// The name `--grads` uses for a parameter: its PEFT key for adapter tensors, its HF name otherwise.
+fn grad_name(name: &str, role: ParamRole<'_>) -> String {
+    match role {
+        ParamRole::Base => name.to_string(),
+        ParamRole::Adapter { module, key, .. } => temper::adapters::host::peft_key(module, key),
+    }
+}
+
+fn forward_with<A: Adapter>(mut model: Llama<A>, a: &ForwardArgs) -> Result<()> {
     let files = SafetensorsFiles::open_files(std::slice::from_ref(&a.inputs))?;
     let load_i64 = |name: &str| -> Result<Option<Tensor>> {
         if !files.contains(name) {
@@ -180,26 +222,23 @@ fn forward(a: ForwardArgs) -> Result<()> {
         if labels.is_none() {
             return Err(Error::Input(format!("--grads needs `labels` in {}", a.inputs.display())));
         }
-        // With an adapter, gradients are of the adapter's tensors (named by their PEFT keys), base frozen.
-        let known: Vec<String> = if a.adapter.is_some() {
-            model.adapter_parameters().into_iter().map(|(n, _)| n).collect()
-        } else {
-            model.named_parameters().into_iter().map(|(n, _)| n).collect()
-        };
+        // With an adapter, gradients are of the adapter's tensors (named by their PEFT keys).
+        let mut known = Vec::new();
+        model.visit("", &mut |n, _, role| {
+            if a.adapter.is_none() || role != ParamRole::Base {
+                known.push(grad_name(n, role))
+            }
+        });
         let where_ = if a.adapter.is_some() { "adapter" } else { "model" };
         for g in &a.grads {
             if !known.contains(g) {
                 return Err(Error::Input(format!("--grads: the {where_} has no parameter `{g}` (e.g. {})", known.first().map(String::as_str).unwrap_or("?"))));
             }
         }
-        let wanted = a.grads.clone();
-        let pred = move |n: &str| wanted.iter().any(|w| w == n);
-        if a.adapter.is_some() {
-            model.set_trainable(&|_| false)?;
-            model.set_adapter_trainable(&pred);
-        } else {
-            model.set_trainable(&pred)?;
-        }
+        model.visit_mut("", &mut |n, t, role| {
+            *t = if a.grads.contains(&grad_name(n, role)) { t.detach().requires_grad() } else { t.detach() };
+            Ok(())
+        })?;
     }
     let input = ForwardInput { input_ids, attention_mask, position_ids: None, segment_ids: None };
     let logits = model.forward(&input)?;
@@ -209,8 +248,13 @@ fn forward(a: ForwardArgs) -> Result<()> {
         out.push(("loss".to_string(), loss.detach()));
         if !a.grads.is_empty() {
             let grads = loss.backward()?;
-            let trainable = if a.adapter.is_some() { model.adapter_parameters() } else { model.named_parameters() };
-            for (name, p) in trainable.into_iter().filter(|(_, t)| t.requires_grad_flag()) {
+            let mut trainable = Vec::new();
+            model.visit("", &mut |n, t, role| {
+                if t.requires_grad_flag() {
+                    trainable.push((grad_name(n, role), t.clone()))
+                }
+            });
+            for (name, p) in trainable {
                 let g = grads.get(&p).ok_or_else(|| Error::Input(format!("parameter `{name}` received no gradient")))?;
                 out.push((format!("grad.{name}"), g.clone()));
             }
@@ -230,7 +274,10 @@ fn load_tokenizer(model: &Path) -> Result<Tokenizer> {
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
-    let model = load_model(&a.model, &a.adapter)?;
+    with_loaded!(load_model(&a.model, &a.adapter)?, m => generate_with(&m, &a))
+}
+
+fn generate_with<A: Adapter>(model: &Llama<A>, a: &GenerateArgs) -> Result<()> {
     // Prompt ids alone need no tokenizer; text output and stop strings do when one exists.
     let tokenizer = match load_tokenizer(&a.model) {
         Ok(t) => Some(t),
@@ -275,7 +322,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         pad_token_id: model.config.pad_token_id.unwrap_or(0),
     };
     let start = Instant::now();
-    let out = generate(&model, &[prompt_ids], &cfg, tokenizer.as_ref())?;
+    let out = generate(model, &[prompt_ids], &cfg, tokenizer.as_ref())?;
     let secs = start.elapsed().as_secs_f64();
     let ids = &out.tokens[0];
     let text = match &tokenizer {

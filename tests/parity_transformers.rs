@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use temper::formats::safetensors::SafetensorsFiles;
 use temper::generate::{generate, GenerationConfig};
 use temper::models::{ForwardInput, Llama};
+use temper::ModuleExt;
 use temper::{DType, Tensor};
 
 const MODELS: [&str; 6] = ["llama_gqa_llama3rope", "llama_tied_linear", "mistral_window", "qwen2_bias", "qwen3_qknorm", "llama_bf16_sharded"];
@@ -65,7 +66,7 @@ fn logits_and_loss_match_transformers() {
 fn check_gradients(name: &str, checkpointing: bool) {
     let mut model = Llama::load(&fixture(name), DType::F32).unwrap();
     model.gradient_checkpointing = checkpointing;
-    model.set_trainable(&|_| true).unwrap();
+    model.unfreeze(".").unwrap();
     let r = Reference::open(name);
     let loss = Llama::loss(&model.forward(&input(&r)).unwrap(), &r.get("labels")).unwrap();
     let grads = loss.backward().unwrap();

@@ -10,6 +10,7 @@ use temper::chat_template::{render_chat, ChatMessage};
 use temper::formats::gguf::GgufFile;
 use temper::generate::{generate, GenerationConfig};
 use temper::models::{ForwardInput, Llama};
+use temper::ModuleExt;
 use temper::tokenizer::Tokenizer;
 use temper::{DType, Device, Tensor};
 

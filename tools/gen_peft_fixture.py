@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Generate tiny PEFT LoRA adapter fixtures (and float64 references) for temper's tests.
+"""Generate tiny PEFT LoRA / DoRA adapter fixtures (and float64 references) for temper's tests.
 
-Builds two LoRA adapters with Hugging Face PEFT on top of the committed base model
-tests/fixtures/models/llama_gqa_llama3rope, saves them with PEFT's own
+Builds three adapters (LoRA, rsLoRA, DoRA) with Hugging Face PEFT on top of the committed
+base model tests/fixtures/models/llama_gqa_llama3rope, saves them with PEFT's own
 `save_pretrained`, reloads them into a float64 copy of the base model and writes
-reference outputs (logits, loss, LoRA gradients, merged logits).
+reference outputs (logits, loss, adapter-tensor gradients, merged logits).
 
 Run from the repository root:
 
@@ -34,6 +34,11 @@ BASE_REL = os.path.join("tests", "fixtures", "models", BASE_NAME)
 BASE_DIR = os.path.join(gf.ROOT, BASE_REL)
 OUT_DIR = os.path.join(gf.ROOT, "tests", "fixtures", "adapters")
 B_STD = 0.2
+# DoRA: the magnitude vector PEFT creates is the row norm of W (+ scale * B @ A at creation,
+# where B = 0). It is multiplied by exp(MAG_LOG_STD * N(0, 1)) so that a loader which
+# recomputes it from the base weight instead of reading the file gives different outputs.
+MAG_LOG_STD = 0.3
+MAG = ".lora_magnitude_vector"
 
 ADAPTERS = [
     dict(
@@ -63,6 +68,20 @@ ADAPTERS = [
         ),
         scale=6 / 2 ** 0.5,
     ),
+    dict(
+        name="llama_dora",
+        seed=2003,
+        config=dict(
+            r=4,
+            lora_alpha=8,
+            use_dora=True,
+            target_modules=["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"],
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+        ),
+        scale=8 / 4,
+    ),
 ]
 
 # PEFT resolves "all-linear" to the full dotted names of every nn.Linear except the output
@@ -78,13 +97,25 @@ ALL_LINEAR = sorted(
 
 
 def adapter_key(param_name, adapter="default"):
-    """PEFT parameter name -> key in adapter_model.safetensors (adapter name stripped)."""
-    return param_name.replace(f".{adapter}.", ".")
+    """PEFT parameter name -> key in adapter_model.safetensors (adapter name stripped).
+
+    DoRA: the in-memory `...lora_magnitude_vector.default.weight` is saved as
+    `...lora_magnitude_vector` (no `.weight`); checked against the file in build_adapter."""
+    key = param_name.replace(f".{adapter}.", ".")
+    if key.endswith(MAG + ".weight"):
+        key = key[:-len(".weight")]
+    return key
 
 
-def independent_forward(base_ref, saved, scale, ids, mask, labels):
-    """Logits and LoRA grads from the plain base model with W + scale * B @ A substituted
-    via torch.func.functional_call, using only adapter_model.safetensors keys."""
+def independent_forward(base_ref, saved, scale, ids, mask, labels, dora=False, recompute_magnitude=None):
+    """Logits and adapter grads from the plain base model with the effective weight substituted
+    via torch.func.functional_call, using only adapter_model.safetensors keys:
+      LoRA: W + scale * B @ A
+      DoRA: (m / n)[:, None] * (W + scale * B @ A), n = ||W + scale * B @ A||_row (one norm
+            per output row, over in_features) detached, i.e. a constant for backward, as in PEFT.
+    recompute_magnitude (DoRA only), what a loader that ignores the file's magnitude would do:
+      "W":      m = ||W||_row (PEFT's value at creation, when B = 0)
+      "W+sBA":  m = ||W + scale * B @ A||_row (DoRA then reduces to plain LoRA)"""
     base = gf.load(BASE_DIR, torch.float64)
     for p in base.parameters():
         p.requires_grad_(False)
@@ -92,13 +123,27 @@ def independent_forward(base_ref, saved, scale, ids, mask, labels):
     ab = {k: v.double().requires_grad_(True) for k, v in saved.items()}
     weights = {}
     for k in saved:
-        assert k.startswith(prefix) and k.endswith((".lora_A.weight", ".lora_B.weight")), k
+        assert k.startswith(prefix) and k.endswith((".lora_A.weight", ".lora_B.weight", MAG)), k
+        assert dora or not k.endswith(MAG), k
         if k.endswith(".lora_A.weight"):
             module = k[len(prefix):-len(".lora_A.weight")]
             a, b = ab[k], ab[k.replace(".lora_A.", ".lora_B.")]
             w = base.get_parameter(module + ".weight")
             assert a.shape == (a.shape[0], w.shape[1]) and b.shape == (w.shape[0], a.shape[0]), k
-            weights[module + ".weight"] = w + scale * (b @ a)
+            w_eff = w + scale * (b @ a)
+            if dora:
+                mag_key = prefix + module + MAG
+                mag = ab[mag_key]
+                assert mag.shape == (w.shape[0],), mag_key
+                norm = torch.linalg.vector_norm(w_eff, dim=1).detach()
+                if recompute_magnitude == "W":
+                    mag = torch.linalg.vector_norm(w, dim=1)
+                elif recompute_magnitude == "W+sBA":
+                    mag = norm
+                else:
+                    assert recompute_magnitude is None, recompute_magnitude
+                w_eff = (mag / norm).unsqueeze(1) * w_eff
+            weights[module + ".weight"] = w_eff
     out = torch.func.functional_call(base, weights, args=(), kwargs=dict(input_ids=ids, attention_mask=mask),
                                      strict=False)
     loss = gf.f64_loss(out.logits, labels)
@@ -121,11 +166,25 @@ def build_adapter(spec):
     model = get_peft_model(base32, cfg)
     g = torch.Generator().manual_seed(spec["seed"] + 1)
     n_b = 0
+    dora = bool(spec["config"].get("use_dora"))
+    n_mag = 0
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if ".lora_B." in pname:
                 p.copy_(B_STD * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
                 n_b += 1
+        if dora:
+            # Separate generator: the LoRA / rsLoRA fixtures stay byte-identical.
+            gm = torch.Generator().manual_seed(spec["seed"] + 2)
+            for pname, p in model.named_parameters():
+                if MAG in pname:
+                    # At creation (B = 0) PEFT sets m = ||W||_row exactly.
+                    w = model.get_submodule(pname.split(MAG)[0]).get_base_layer().weight
+                    assert torch.allclose(p, torch.linalg.vector_norm(w, dim=1), rtol=1e-6), pname
+                    noise = torch.randn(p.shape, generator=gm, dtype=torch.float64)
+                    p.copy_((p.double() * torch.exp(MAG_LOG_STD * noise)).to(p.dtype))
+                    n_mag += 1
+            assert n_mag == n_b, (n_mag, n_b)
     assert n_b > 0
     # A path relative to the repository root instead of this machine's absolute path.
     model.peft_config["default"].base_model_name_or_path = BASE_REL
@@ -157,6 +216,8 @@ def build_adapter(spec):
         assert v.dtype == torch.float32, (k, v.dtype)
         assert torch.equal(v, mem[k]), k
         assert ".default." not in k
+    assert dora == any(k.endswith(MAG) for k in saved)
+    mag_info = sorted((k, v.dtype, tuple(v.shape)) for k, v in saved.items() if k.endswith(MAG))
     del model, base32
 
     # ---- reload in float64 through PEFT's own loader, forward / loss / backward ----
@@ -210,13 +271,21 @@ def build_adapter(spec):
         ref["grad." + k] = p.grad.detach().float()
 
     # ---- independent check of the math: W_eff = W + scale * B @ A, no PEFT forward ----
-    indep_logits, indep_grads = independent_forward(base_ref, saved, spec["scale"], ids, mask, labels)
+    indep_logits, indep_grads = independent_forward(base_ref, saved, spec["scale"], ids, mask, labels, dora=dora)
     indep_diff = (indep_logits - logits.detach())[m].abs().max().item()
     assert indep_diff < 1e-6, (name, indep_diff)
     for k, gk in indep_grads.items():
         gp = lora_params[k].grad
         rel = ((gk - gp).abs().max() / gp.abs().max()).item()
         assert rel < 1e-6, (name, k, rel)
+    recomputed_effect = {}
+    if dora:
+        # A loader that recomputes the magnitude instead of reading the file must fail.
+        for how in ("W", "W+sBA"):
+            rec_logits, _ = independent_forward(base_ref, saved, spec["scale"], ids, mask, labels, dora=True,
+                                                recompute_magnitude=how)
+            recomputed_effect[how] = (rec_logits - logits.detach())[m].abs().max().item()
+            assert recomputed_effect[how] > 1e-1, (name, how, recomputed_effect)
 
     # ---- merged model ----
     merged = model.merge_and_unload()
@@ -238,6 +307,10 @@ def build_adapter(spec):
     print(f"{name}: {size} bytes, files {sorted(os.listdir(out))}, {len(saved)} LoRA tensors, "
           f"loss {loss.item():.6f}, adapter effect on logits {adapter_effect:.3g}, "
           f"base diff {base_diff:.2e}, merge diff {merge_diff:.2e}, independent diff {indep_diff:.2e}, safetensors metadata {saved_meta}")
+    if dora:
+        print(f"  DoRA magnitude tensors: {mag_info}")
+        for how, eff in recomputed_effect.items():
+            print(f"  logits change if the magnitude is recomputed as ||{how}||_row: {eff:.3g}")
     return size
 
 

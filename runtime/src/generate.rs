@@ -102,7 +102,7 @@ fn sample(row: &[f32], temperature: f64, top_k: Option<usize>, top_p: Option<f64
 }
 
 /// Generates continuations of `prompts` (token ids, possibly of different lengths).
-pub fn generate(model: &Llama, prompts: &[Vec<u32>], cfg: &GenerationConfig, tokenizer: Option<&Tokenizer>) -> Result<Generation> {
+pub fn generate<A: crate::adapters::Adapter>(model: &Llama<A>, prompts: &[Vec<u32>], cfg: &GenerationConfig, tokenizer: Option<&Tokenizer>) -> Result<Generation> {
     if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
         return Err(Error::Input("generate: every prompt needs at least one token".into()));
     }

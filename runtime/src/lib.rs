@@ -18,6 +18,9 @@ pub mod optim;
 pub mod chat_template;
 pub mod rng;
 pub mod adapters;
+pub mod linalg;
+pub mod loss;
+pub mod train;
 pub mod module;
 
 // Generated code names everything `::temper::…`; inside the runtime that is the runtime itself,

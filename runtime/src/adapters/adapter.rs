@@ -53,7 +53,7 @@ pub type InitFn = fn(&mut InitCx<'_>) -> Result<Tensor>;
 /// An adapter type. Write it with `#[adapter]`; implement by hand only for unusual cases.
 pub trait Adapter: Clone + Send + Sync + 'static {
     /// The hyper-parameters (generated `<Name>Config` struct, one field per `#[hyper]`).
-    type Config: Clone + std::fmt::Debug + serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static;
+    type Config: Clone + std::fmt::Debug + PartialEq + serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static;
     /// The adapter's name (`Lora`, `Dora`, the user's struct name).
     const NAME: &'static str;
     /// Builds this adapter for one layer: hyper-parameters from `config`, each parameter from its
@@ -107,3 +107,8 @@ fn a_dtype<A: Adapter + ?Sized>(a: &A, base: BaseLayer<'_>) -> DType {
     a.visit_params(&mut |_, t| d = t.dtype());
     d
 }
+
+/// An adapter that can be switched off to leave the base model — every real adapter (`#[adapter]`
+/// implements it), but not [`super::NoAdapter`]. Loss terms that need a frozen reference policy
+/// (`kl()`) require it, so asking for one on a model without an adapter is a compile error.
+pub trait Switchable: Adapter {}

@@ -1,34 +1,51 @@
-//! Adapters on linear layers. Today: LoRA deltas and PEFT's on-disk format (load); the `#[adapter]`
-//! DSL, training and saving arrive with the adapter issue and build on [`LoraDelta`].
+//! Adapters on linear layers: the [`Adapter`] trait that `#[adapter]` implements, where adapters go
+//! ([`AdapterConfig`], [`Targets`]), how they are attached, merged, switched and saved
+//! ([`AdapterHost`]), and the built-in LoRA family.
 
 pub mod adapter;
 pub mod config;
+pub mod dora;
+pub mod format;
+pub mod host;
 pub mod init;
+pub mod lora;
 pub mod peft;
 
-pub use adapter::{Adapter, BaseLayer, InitCx, InitFn};
+pub use adapter::{delta_weight, Adapter, BaseLayer, InitCx, InitFn, Switchable};
 pub use config::{AdapterConfig, Targets};
+pub use dora::{Dora, DoraConfig};
+pub use lora::{Lora, LoraConfig};
+pub use peft::LoraInit;
+pub use format::AdapterFormat;
+pub use host::AdapterHost;
 
-use crate::error::Result;
-use crate::ops;
+use crate::error::{Error, Result};
+use crate::rng::Rng;
 use crate::tensor::Tensor;
 
-pub use peft::{PeftLoraAdapter, PeftLoraConfig};
+/// The adapter type of a model that carries none. It has no values, so a `Linear<NoAdapter>` can
+/// never hold an adapter and the model is exactly the base model.
+#[derive(Clone, Copy, Debug)]
+pub enum NoAdapter {}
 
-/// A low-rank update of a linear layer: `delta(x) = scale · (x·Aᵀ)·Bᵀ`, with `lora_a` `[r, in]` and
-/// `lora_b` `[out, r]` as PEFT stores them.
-#[derive(Clone, Debug)]
-pub struct LoraDelta {
-    pub lora_a: Tensor,
-    pub lora_b: Tensor,
-    /// `alpha / r`, or `alpha / sqrt(r)` for rsLoRA.
-    pub scale: f64,
-}
-
-impl LoraDelta {
-    /// The update this adapter adds to the wrapped layer's output.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = ops::linear(x, &self.lora_a, None)?;
-        ops::scale(&ops::linear(&h, &self.lora_b, None)?, self.scale)
+impl Adapter for NoAdapter {
+    type Config = ();
+    const NAME: &'static str = "NoAdapter";
+    fn init(_: &(), base: BaseLayer<'_>, _: &mut Rng) -> Result<Self> {
+        Err(Error::Input(format!("cannot attach an adapter to `{}` of a model without an adapter type; use Llama::with_adapter", base.module)))
+    }
+    fn config(&self) {
+        match *self {}
+    }
+    fn visit_params(&self, _: &mut dyn FnMut(&'static str, &Tensor)) {
+        match *self {}
+    }
+    fn visit_params_mut(&mut self, _: &mut dyn FnMut(&'static str, &mut Tensor) -> Result<()>) -> Result<()> {
+        match *self {}
+    }
+    fn forward(&self, _: &Tensor, _: BaseLayer<'_>) -> Result<Tensor> {
+        match *self {}
     }
 }
+
+impl AdapterFormat for NoAdapter {}

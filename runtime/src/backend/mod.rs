@@ -86,6 +86,8 @@ pub trait BackendStorage: Sized + Send + Sync {
     fn add_assign(&mut self, rhs: &Self) -> Result<()>;
     /// Adds a [cols] row to every row of a [rows, cols] matrix (bias add).
     fn add_row(&self, row: &Self, cols: usize) -> Result<Self>;
+    /// Multiplies every row of a [rows, cols] matrix by a [cols] row, elementwise.
+    fn mul_row(&self, row: &Self, cols: usize) -> Result<Self>;
     /// For each of `outer` blocks, copies `len` elements of `src` (block stride `len`) into `self`
     /// at `o·dst_stride + dst_offset` (appending to a KV cache).
     fn write_blocks(&mut self, src: &Self, outer: usize, len: usize, dst_stride: usize, dst_offset: usize) -> Result<()>;
@@ -124,6 +126,10 @@ pub trait BackendStorage: Sized + Send + Sync {
     /// Per-row (nll, lse) of [rows, vocab] logits against I64 targets (-100 ignored).
     fn token_nll(&self, targets: &Self, vocab: usize) -> Result<(Self, Self)>;
     fn token_nll_backward(&self, targets: &Self, lse: &Self, g: &Self, vocab: usize) -> Result<Self>;
+    /// Per-row KL(softmax(self) ‖ softmax(reference)) of [rows, vocab] logits.
+    fn kl_rows(&self, reference: &Self, vocab: usize) -> Result<Self>;
+    /// d kl_rows / d self for upstream gradients `g` per row.
+    fn kl_rows_backward(&self, reference: &Self, g: &Self, vocab: usize) -> Result<Self>;
     /// One AdamW update of an F32 parameter with F32 state.
     fn adamw_step(&mut self, grad: &Self, m: &mut Self, v: &mut Self, h: &AdamWStep) -> Result<()>;
 }
@@ -204,6 +210,10 @@ impl BackendStorage for Storage {
         let a = self;
         dispatch!(a, row => a.add_row(row, cols).map(Storage::Cpu))
     }
+    fn mul_row(&self, row: &Self, cols: usize) -> Result<Self> {
+        let a = self;
+        dispatch!(a, row => a.mul_row(row, cols).map(Storage::Cpu))
+    }
     fn write_blocks(&mut self, src: &Self, outer: usize, len: usize, dst_stride: usize, dst_offset: usize) -> Result<()> {
         let a = self;
         dispatch!(a, src => a.write_blocks(src, outer, len, dst_stride, dst_offset))
@@ -271,6 +281,14 @@ impl BackendStorage for Storage {
     fn token_nll_backward(&self, targets: &Self, lse: &Self, g: &Self, vocab: usize) -> Result<Self> {
         let z = self;
         dispatch!(z, targets, lse, g => z.token_nll_backward(targets, lse, g, vocab).map(Storage::Cpu))
+    }
+    fn kl_rows(&self, reference: &Self, vocab: usize) -> Result<Self> {
+        let z = self;
+        dispatch!(z, reference => z.kl_rows(reference, vocab).map(Storage::Cpu))
+    }
+    fn kl_rows_backward(&self, reference: &Self, g: &Self, vocab: usize) -> Result<Self> {
+        let z = self;
+        dispatch!(z, reference, g => z.kl_rows_backward(reference, g, vocab).map(Storage::Cpu))
     }
     fn adamw_step(&mut self, grad: &Self, m: &mut Self, v: &mut Self, h: &AdamWStep) -> Result<()> {
         let p = self;

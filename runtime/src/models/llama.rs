@@ -5,7 +5,9 @@
 //! logits = lm_head(rmsnorm(h)) (lm_head = embed_tokens when tied).
 
 use super::kv_cache::KvCache;
-use crate::adapters::{peft, LoraDelta, PeftLoraAdapter};
+use super::linear::{Linear, Mode};
+use crate::adapters::{Adapter, AdapterConfig, AdapterHost, NoAdapter};
+use crate::{Module, ModuleExt};
 use crate::backend::{AttnMasks, AttnShape, BackendStorage, Storage};
 use crate::error::{ensure_shape, Error, Result};
 use crate::formats::gguf::{self, GgufFile};
@@ -17,54 +19,39 @@ use crate::Device;
 use std::path::Path;
 use std::sync::Arc;
 
-/// A linear layer in HF layout: weight `[out, in]`, optional bias `[out]`, optional LoRA delta.
-#[derive(Clone, Debug)]
-pub struct Linear {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
-    /// A low-rank update applied unmerged (the base weight stays untouched).
-    pub lora: Option<LoraDelta>,
-}
-
-impl Linear {
-    /// `x·Wᵀ + b (+ the LoRA delta)`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = ops::linear(x, &self.weight, self.bias.as_ref())?;
-        match &self.lora {
-            None => Ok(y),
-            Some(d) => ops::add(&y, &d.forward(x)?),
-        }
-    }
-}
-
 /// Self-attention projections of one layer.
-#[derive(Clone, Debug)]
-pub struct SelfAttention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
-    pub o_proj: Linear,
+#[derive(Clone, Debug, Module)]
+pub struct SelfAttention<A: Adapter = NoAdapter> {
+    pub q_proj: Linear<A>,
+    pub k_proj: Linear<A>,
+    pub v_proj: Linear<A>,
+    pub o_proj: Linear<A>,
     /// Qwen3: RMSNorm weights over head_dim for queries and keys.
+    #[module(rename = "q_norm.weight")]
     pub q_norm: Option<Tensor>,
+    #[module(rename = "k_norm.weight")]
     pub k_norm: Option<Tensor>,
 }
 
 /// The gated MLP of one layer.
-#[derive(Clone, Debug)]
-pub struct Mlp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
-    pub down_proj: Linear,
+#[derive(Clone, Debug, Module)]
+pub struct Mlp<A: Adapter = NoAdapter> {
+    pub gate_proj: Linear<A>,
+    pub up_proj: Linear<A>,
+    pub down_proj: Linear<A>,
 }
 
 /// One decoder layer.
-#[derive(Clone, Debug)]
-pub struct DecoderLayer {
+#[derive(Clone, Debug, Module)]
+pub struct DecoderLayer<A: Adapter = NoAdapter> {
+    #[module(rename = "input_layernorm.weight")]
     pub input_layernorm: Tensor,
-    pub self_attn: SelfAttention,
+    pub self_attn: SelfAttention<A>,
+    #[module(rename = "post_attention_layernorm.weight")]
     pub post_attention_layernorm: Tensor,
-    pub mlp: Mlp,
+    pub mlp: Mlp<A>,
     /// Sliding-window size of this layer (Mistral, some Qwen layers).
+    #[module(skip)]
     pub window: Option<usize>,
 }
 
@@ -77,15 +64,16 @@ struct LayerCtx {
     kv_heads: usize,
     head_dim: usize,
     eps: f64,
+    mode: Mode,
 }
 
-impl SelfAttention {
+impl<A: Adapter> SelfAttention<A> {
     /// Queries and keys after projection, q/k norm and rotation; values after projection. `[B,T,heads,D]`.
     fn qkv(&self, x: &Tensor, c: &LayerCtx) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t) = (x.shape()[0], x.shape()[1]);
-        let mut q = ops::reshape(&self.q_proj.forward(x)?, &[b, t, c.heads, c.head_dim])?;
-        let mut k = ops::reshape(&self.k_proj.forward(x)?, &[b, t, c.kv_heads, c.head_dim])?;
-        let v = ops::reshape(&self.v_proj.forward(x)?, &[b, t, c.kv_heads, c.head_dim])?;
+        let mut q = ops::reshape(&self.q_proj.forward_mode(x, c.mode)?, &[b, t, c.heads, c.head_dim])?;
+        let mut k = ops::reshape(&self.k_proj.forward_mode(x, c.mode)?, &[b, t, c.kv_heads, c.head_dim])?;
+        let v = ops::reshape(&self.v_proj.forward_mode(x, c.mode)?, &[b, t, c.kv_heads, c.head_dim])?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = ops::rms_norm(&q, qn, c.eps)?;
             k = ops::rms_norm(&k, kn, c.eps)?;
@@ -94,33 +82,24 @@ impl SelfAttention {
     }
 }
 
-impl DecoderLayer {
+impl<A: Adapter> DecoderLayer<A> {
     fn forward(&self, h: &Tensor, c: &LayerCtx) -> Result<Tensor> {
         let (b, t) = (h.shape()[0], h.shape()[1]);
         let n = ops::rms_norm(h, &self.input_layernorm, c.eps)?;
         let (q, k, v) = self.self_attn.qkv(&n, c)?;
         let mask = AttentionMask { window: self.window, ..c.mask.clone() };
         let a = ops::attention(&q, &k, &v, &mask, 1.0 / (c.head_dim as f64).sqrt())?;
-        let a = self.self_attn.o_proj.forward(&ops::reshape(&a, &[b, t, c.heads * c.head_dim])?)?;
+        let a = self.self_attn.o_proj.forward_mode(&ops::reshape(&a, &[b, t, c.heads * c.head_dim])?, c.mode)?;
         let h = ops::add(h, &a)?;
         let m = ops::rms_norm(&h, &self.post_attention_layernorm, c.eps)?;
-        let g = ops::swiglu(&self.mlp.gate_proj.forward(&m)?, &self.mlp.up_proj.forward(&m)?)?;
-        ops::add(&h, &self.mlp.down_proj.forward(&g)?)
+        self.mlp_residual(&h, &m, c.mode)
     }
 
-    fn parameters(&self) -> Vec<Tensor> {
-        let mut v = vec![self.input_layernorm.clone(), self.post_attention_layernorm.clone()];
-        let a = &self.self_attn;
-        for l in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &self.mlp.gate_proj, &self.mlp.up_proj, &self.mlp.down_proj] {
-            v.push(l.weight.clone());
-            v.extend(l.bias.clone());
-            if let Some(d) = &l.lora {
-                v.extend([d.lora_a.clone(), d.lora_b.clone()]);
-            }
-        }
-        v.extend(a.q_norm.clone());
-        v.extend(a.k_norm.clone());
-        v
+    /// `h + down_proj(silu(gate_proj m) ∘ up_proj m)`.
+    fn mlp_residual(&self, h: &Tensor, m: &Tensor, mode: Mode) -> Result<Tensor> {
+        let p = &self.mlp;
+        let g = ops::swiglu(&p.gate_proj.forward_mode(m, mode)?, &p.up_proj.forward_mode(m, mode)?)?;
+        ops::add(h, &p.down_proj.forward_mode(&g, mode)?)
     }
 }
 
@@ -145,30 +124,42 @@ impl ForwardInput {
     }
 }
 
-/// A Llama-family causal language model.
-pub struct Llama {
+/// A Llama-family causal language model whose linear layers carry adapters of type `A`.
+///
+/// Hugging Face key names come from the field attributes: `model.embed_tokens.weight`,
+/// `model.layers.{i}.self_attn.q_proj.weight`, …, `lm_head.weight`.
+#[derive(Clone, Module)]
+pub struct Llama<A: Adapter = NoAdapter> {
+    #[module(skip)]
     pub config: ModelConfig,
+    #[module(rename = "model.embed_tokens.weight")]
     pub embed_tokens: Tensor,
-    pub layers: Vec<DecoderLayer>,
+    #[module(rename = "model.layers.{i}")]
+    pub layers: Vec<DecoderLayer<A>>,
+    #[module(rename = "model.norm.weight")]
     pub norm: Tensor,
     /// None when tied to `embed_tokens`.
+    #[module(rename = "lm_head.weight")]
     pub lm_head: Option<Tensor>,
     /// Recompute each decoder layer in backward instead of storing its activations.
+    #[module(skip)]
     pub gradient_checkpointing: bool,
+    /// Training mode: adapter dropout is active.
+    #[module(skip)]
+    pub training: bool,
+    #[module(skip)]
     inv_freq: Vec<f64>,
 }
 
-fn linear_from(get: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>, name: &str, out_f: usize, in_f: usize, bias: bool) -> Result<Linear> {
-    Ok(Linear {
-        weight: get(&format!("{name}.weight"), &[out_f, in_f])?,
-        bias: if bias { Some(get(&format!("{name}.bias"), &[out_f])?) } else { None },
-        lora: None,
-    })
+fn linear_from<A: Adapter>(get: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>, name: &str, out_f: usize, in_f: usize, bias: bool) -> Result<Linear<A>> {
+    let weight = get(&format!("{name}.weight"), &[out_f, in_f])?;
+    let bias = if bias { Some(get(&format!("{name}.bias"), &[out_f])?) } else { None };
+    Ok(Linear::new(weight, bias))
 }
 
-impl Llama {
+impl<A: Adapter> Llama<A> {
     /// Builds the model from a configuration and a source of named tensors (HF names and shapes).
-    pub fn from_source(config: ModelConfig, get: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>) -> Result<Llama> {
+    pub fn from_source(config: ModelConfig, get: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>) -> Result<Llama<A>> {
         let c = &config;
         let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
         let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
@@ -200,9 +191,189 @@ impl Llama {
         let norm = get("model.norm.weight", &[h])?;
         let lm_head = if c.tie_word_embeddings { None } else { Some(get("lm_head.weight", &[v, h])?) };
         let inv_freq = ops::rope_inv_freq(c.head_dim, c.rope_theta, &c.rope_scaling);
-        Ok(Llama { config, embed_tokens, layers, norm, lm_head, gradient_checkpointing: false, inv_freq })
+        Ok(Llama { config, embed_tokens, layers, norm, lm_head, gradient_checkpointing: false, training: false, inv_freq })
     }
 
+    /// Attaches adapter `name` to the layers `cfg` targets (see [`AdapterHost::add_adapter`]).
+    pub fn add_adapter(&mut self, name: &str, cfg: &AdapterConfig<A>) -> Result<Vec<String>> {
+        AdapterHost::add_adapter(self, name, cfg)
+    }
+
+    /// Switches adapter `name` on or off.
+    pub fn set_adapter_enabled(&mut self, name: &str, enabled: bool) -> Result<()> {
+        AdapterHost::set_adapter_enabled::<A>(self, name, enabled)
+    }
+
+    /// Folds adapter `name` into the base weights.
+    pub fn merge_adapter(&mut self, name: &str) -> Result<()> {
+        AdapterHost::merge_adapter::<A>(self, name)
+    }
+
+    /// Takes adapter `name` back out of the base weights.
+    pub fn unmerge_adapter(&mut self, name: &str) -> Result<()> {
+        AdapterHost::unmerge_adapter::<A>(self, name)
+    }
+
+    /// Removes adapter `name`.
+    pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        AdapterHost::delete_adapter::<A>(self, name)
+    }
+
+    /// Merges every adapter into the weights and returns the plain model (PEFT's `merge_and_unload`).
+    pub fn merge_and_unload(mut self) -> Result<Llama> {
+        for name in self.adapter_names() {
+            self.merge_adapter(&name)?;
+        }
+        let params: std::collections::HashMap<String, Tensor> = self.base_parameters().into_iter().collect();
+        Llama::from_source(self.config.clone(), &mut |name, _| {
+            params.get(name).map(|t| t.detach()).ok_or_else(|| Error::Input(format!("internal: no parameter `{name}`")))
+        })
+    }
+
+    /// Trainable parameters with their learning-rate multipliers (LoRA+ trains `lora_B` faster).
+    pub fn trainable_with_lr_scale(&self) -> Vec<(String, Tensor, f64)> {
+        let mut scale = std::collections::HashMap::new();
+        crate::adapters::host::each_linear_ref::<A, _>(self, |_, l| {
+            for s in &l.adapters {
+                s.adapter.visit_params(&mut |key, t| {
+                    scale.insert(t.id(), s.adapter.lr_scale(key));
+                });
+            }
+        })
+        .ok();
+        self.trainable_parameters().into_iter().map(|(n, t)| {
+            let k = scale.get(&t.id()).copied().unwrap_or(1.0);
+            (n, t, k)
+        }).collect()
+    }
+
+    /// Weight dtype.
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    /// The output projection (`lm_head`, or the embedding when tied).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    fn ctx(&self, positions: &[i64], mask: AttentionMask, mode: Mode) -> Result<LayerCtx> {
+        let c = &self.config;
+        Ok(LayerCtx {
+            rope: RopeTable::new(&self.inv_freq, positions, self.dtype(), Device::Cpu)?,
+            mask,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            eps: c.rms_norm_eps,
+            mode,
+        })
+    }
+
+    fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)> {
+        ensure_shape!(ids.rank() == 2, "forward", "input_ids must be [batch, seq], got {:?}", ids.shape());
+        let (b, t) = (ids.shape()[0], ids.shape()[1]);
+        if b == 0 || t == 0 {
+            return Err(Error::Input(format!("input_ids is empty (shape {:?})", ids.shape())));
+        }
+        Ok((b, t))
+    }
+
+    /// Final hidden states `[batch, seq, hidden]` (after the last norm).
+    pub fn hidden_states(&self, input: &ForwardInput) -> Result<Tensor> {
+        self.hidden_states_mode(input, Mode { adapters: true, training: self.training })
+    }
+
+    /// [`Llama::hidden_states`] with adapters applied or not.
+    pub fn hidden_states_mode(&self, input: &ForwardInput, mode: Mode) -> Result<Tensor> {
+        let (b, t) = self.check_ids(&input.input_ids)?;
+        let positions = match &input.position_ids {
+            Some(p) => {
+                ensure_shape!(p.len() == b * t, "forward", "{} position ids for {b}×{t} tokens", p.len());
+                p.clone()
+            }
+            None => (0..b).flat_map(|_| 0..t as i64).collect(),
+        };
+        let key_mask = match &input.attention_mask {
+            None => None,
+            Some(m) => {
+                ensure_shape!(m.shape() == [b, t], "forward", "attention_mask {:?} does not match input_ids [{b}, {t}]", m.shape());
+                Some(m.to_dtype(DType::U8)?)
+            }
+        };
+        let mask = AttentionMask { causal: true, key_mask, segment_ids: input.segment_ids.clone(), window: None };
+        let ctx = self.ctx(&positions, mask, mode)?;
+        let mut h = ops::embedding(&self.embed_tokens, &input.input_ids)?;
+        for layer in &self.layers {
+            h = if self.gradient_checkpointing {
+                let (layer2, ctx2) = (layer.clone(), ctx.clone());
+                let params: Vec<Tensor> = layer.named_parameters().into_iter().map(|(_, t)| t).collect();
+                ops::checkpoint(&h, &params, Arc::new(move |x: &Tensor| layer2.forward(x, &ctx2)))?
+            } else {
+                layer.forward(&h, &ctx)?
+            };
+        }
+        ops::rms_norm(&h, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// Logits `[batch, seq, vocab]`.
+    pub fn forward(&self, input: &ForwardInput) -> Result<Tensor> {
+        let h = self.hidden_states(input)?;
+        ops::linear(&h, self.lm_head_weight(), None)
+    }
+
+    /// Logits of the base model with every adapter switched off, without gradients: the frozen
+    /// reference policy of KL, preference and RL losses, at no extra memory.
+    pub fn reference_forward(&self, input: &ForwardInput) -> Result<Tensor> {
+        crate::autograd::no_grad(|| {
+            let h = self.hidden_states_mode(input, Mode { adapters: false, training: false })?;
+            ops::linear(&h, self.lm_head_weight(), None)
+        })
+    }
+
+    /// Incremental forward for generation: appends `ids` (`[batch, t]`, real tokens marked by
+    /// `mask`) at `positions` to the cache and returns the logits of the last new position `[batch, vocab]`.
+    pub fn forward_cached(&self, ids: &[u32], mask: &[u8], positions: &[i64], cache: &mut KvCache) -> Result<Tensor> {
+        let c = &self.config;
+        let b = cache.batch;
+        let t = ids.len() / b.max(1);
+        ensure_shape!(t > 0 && ids.len() == b * t && mask.len() == ids.len() && positions.len() == ids.len(), "forward_cached", "{} ids, {} mask values, {} positions for batch {b}", ids.len(), mask.len(), positions.len());
+        let ids_t = Tensor::from_vec(ids.to_vec(), &[b, t], Device::Cpu)?;
+        cache.append_mask(mask)?;
+        let ctx = self.ctx(positions, AttentionMask::default(), Mode::default())?;
+        let (d, hq, hk) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
+        crate::autograd::no_grad(|| {
+            let mut h = ops::embedding(&self.embed_tokens, &ids_t)?;
+            for (li, layer) in self.layers.iter().enumerate() {
+                let n = ops::rms_norm(&h, &layer.input_layernorm, c.rms_norm_eps)?;
+                let (q, k, v) = layer.self_attn.qkv(&n, &ctx)?;
+                cache.write(li, &*k.contiguous_storage()?, &*v.contiguous_storage()?, t)?;
+                let shape = AttnShape { batch: b, q_len: t, kv_len: cache.len + t, kv_cap: cache.capacity, n_heads: hq, n_kv_heads: hk, head_dim: d };
+                let masks = AttnMasks { causal: true, q_offset: cache.len, key_mask: Some(&cache.key_mask), segment_ids: None, window: layer.window };
+                let (o, _) = Storage::attention(&*q.contiguous_storage()?, &cache.k[li], &cache.v[li], &shape, &masks, 1.0 / (d as f64).sqrt())?;
+                let a = Tensor::from_storage(o, &[b, t, hq * d])?;
+                h = ops::add(&h, &layer.self_attn.o_proj.forward(&a)?)?;
+                let m = ops::rms_norm(&h, &layer.post_attention_layernorm, c.rms_norm_eps)?;
+                h = layer.mlp_residual(&h, &m, Mode::default())?;
+            }
+            cache.len += t;
+            let last = ops::narrow(&h, 1, t - 1, 1)?.contiguous()?;
+            let last = ops::reshape(&last, &[b, c.hidden_size])?;
+            let last = ops::rms_norm(&last, &self.norm, c.rms_norm_eps)?;
+            ops::linear(&last, self.lm_head_weight(), None)
+        })
+    }
+
+    /// An empty KV cache sized for this model.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
+        let c = &self.config;
+        KvCache::new(c.num_hidden_layers, batch, capacity, c.num_key_value_heads, c.head_dim, self.dtype(), Device::Cpu)
+    }
+}
+
+/// Loading the base model: a `Llama` without adapters, which [`Llama::with_adapter`] turns into one
+/// that carries them.
+impl Llama {
     /// A randomly initialised model (weights ~ N(0, std²), norms 1) for benchmarks and tests.
     pub fn random(config: ModelConfig, std: f64, seed: u64, dtype: DType) -> Result<Llama> {
         let mut rng = crate::rng::Rng::new(seed);
@@ -264,289 +435,31 @@ impl Llama {
         })
     }
 
-    /// Every parameter with its Hugging Face name, in checkpoint order.
-    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.clone())];
-        for (l, layer) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{l}");
-            let a = &layer.self_attn;
-            out.push((format!("{p}.input_layernorm.weight"), layer.input_layernorm.clone()));
-            for (n, lin) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
-                out.push((format!("{p}.self_attn.{n}.weight"), lin.weight.clone()));
-                if let Some(b) = &lin.bias {
-                    out.push((format!("{p}.self_attn.{n}.bias"), b.clone()));
-                }
-            }
-            if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
-                out.push((format!("{p}.self_attn.q_norm.weight"), qn.clone()));
-                out.push((format!("{p}.self_attn.k_norm.weight"), kn.clone()));
-            }
-            out.push((format!("{p}.post_attention_layernorm.weight"), layer.post_attention_layernorm.clone()));
-            for (n, lin) in [("gate_proj", &layer.mlp.gate_proj), ("up_proj", &layer.mlp.up_proj), ("down_proj", &layer.mlp.down_proj)] {
-                out.push((format!("{p}.mlp.{n}.weight"), lin.weight.clone()));
-                if let Some(b) = &lin.bias {
-                    out.push((format!("{p}.mlp.{n}.bias"), b.clone()));
-                }
-            }
-        }
-        out.push(("model.norm.weight".to_string(), self.norm.clone()));
-        if let Some(w) = &self.lm_head {
-            out.push(("lm_head.weight".to_string(), w.clone()));
-        }
-        out
-    }
-
-    /// Applies `f` to every parameter (with its HF name), replacing it by the result.
-    pub fn map_parameters(&mut self, f: &mut dyn FnMut(&str, &Tensor) -> Result<Tensor>) -> Result<()> {
-        let mut visit = |name: String, t: &mut Tensor| -> Result<()> {
-            *t = f(&name, t)?;
-            Ok(())
-        };
-        visit("model.embed_tokens.weight".into(), &mut self.embed_tokens)?;
-        for (l, layer) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{l}");
-            visit(format!("{p}.input_layernorm.weight"), &mut layer.input_layernorm)?;
-            visit(format!("{p}.post_attention_layernorm.weight"), &mut layer.post_attention_layernorm)?;
-            let a = &mut layer.self_attn;
-            for (n, lin) in [("q_proj", &mut a.q_proj), ("k_proj", &mut a.k_proj), ("v_proj", &mut a.v_proj), ("o_proj", &mut a.o_proj)] {
-                visit(format!("{p}.self_attn.{n}.weight"), &mut lin.weight)?;
-                if let Some(b) = &mut lin.bias {
-                    visit(format!("{p}.self_attn.{n}.bias"), b)?;
-                }
-            }
-            if let Some(t) = &mut a.q_norm {
-                visit(format!("{p}.self_attn.q_norm.weight"), t)?;
-            }
-            if let Some(t) = &mut a.k_norm {
-                visit(format!("{p}.self_attn.k_norm.weight"), t)?;
-            }
-            let m = &mut layer.mlp;
-            for (n, lin) in [("gate_proj", &mut m.gate_proj), ("up_proj", &mut m.up_proj), ("down_proj", &mut m.down_proj)] {
-                visit(format!("{p}.mlp.{n}.weight"), &mut lin.weight)?;
-                if let Some(b) = &mut lin.bias {
-                    visit(format!("{p}.mlp.{n}.bias"), b)?;
-                }
-            }
-        }
-        visit("model.norm.weight".into(), &mut self.norm)?;
-        if let Some(w) = &mut self.lm_head {
-            visit("lm_head.weight".into(), w)?;
-        }
-        Ok(())
-    }
-
-    /// Every linear layer with its module path (`model.layers.0.self_attn.q_proj`).
-    pub fn linears(&self) -> Vec<(String, &Linear)> {
-        let mut out = Vec::new();
-        for (l, layer) in self.layers.iter().enumerate() {
-            let (a, m) = (&layer.self_attn, &layer.mlp);
-            for (n, lin) in [("self_attn.q_proj", &a.q_proj), ("self_attn.k_proj", &a.k_proj), ("self_attn.v_proj", &a.v_proj), ("self_attn.o_proj", &a.o_proj)]
-                .into_iter()
-                .chain([("mlp.gate_proj", &m.gate_proj), ("mlp.up_proj", &m.up_proj), ("mlp.down_proj", &m.down_proj)])
-            {
-                out.push((format!("model.layers.{l}.{n}"), lin));
-            }
-        }
-        out
-    }
-
-    /// [`Llama::linears`], mutably.
-    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let mut out = Vec::new();
-        for (l, layer) in self.layers.iter_mut().enumerate() {
-            let a = &mut layer.self_attn;
-            for (n, lin) in [("q_proj", &mut a.q_proj), ("k_proj", &mut a.k_proj), ("v_proj", &mut a.v_proj), ("o_proj", &mut a.o_proj)] {
-                out.push((format!("model.layers.{l}.self_attn.{n}"), lin));
-            }
-            let m = &mut layer.mlp;
-            for (n, lin) in [("gate_proj", &mut m.gate_proj), ("up_proj", &mut m.up_proj), ("down_proj", &mut m.down_proj)] {
-                out.push((format!("model.layers.{l}.mlp.{n}"), lin));
-            }
-        }
-        out
-    }
-
-    /// Applies a PEFT LoRA adapter (unmerged). Errors name the adapter key whose module the model
-    /// lacks or whose shape does not fit.
-    pub fn attach_lora(&mut self, adapter: &PeftLoraAdapter) -> Result<()> {
-        let file = adapter.dir.join("adapter_model.safetensors");
-        let mut linears: std::collections::HashMap<String, &mut Linear> = self.linears_mut().into_iter().collect();
-        for (module, delta) in &adapter.deltas {
-            let lin = linears.get_mut(module).ok_or_else(|| Error::BadTensor {
-                name: peft::peft_key(module, "lora_A"),
-                msg: format!("in {}: the model has no linear layer `{module}`", file.display()),
-            })?;
-            let (out_f, in_f) = (lin.weight.shape()[0], lin.weight.shape()[1]);
-            if delta.lora_a.shape()[1] != in_f || delta.lora_b.shape()[0] != out_f {
-                return Err(Error::BadTensor {
-                    name: peft::peft_key(module, "lora_A"),
-                    msg: format!(
-                        "in {}: lora_A {:?} / lora_B {:?} do not fit `{module}` with weight [{out_f}, {in_f}]",
-                        file.display(),
-                        delta.lora_a.shape(),
-                        delta.lora_b.shape()
-                    ),
-                });
-            }
-            lin.lora = Some(delta.clone());
-        }
-        Ok(())
-    }
-
-    /// The attached LoRA tensors with their PEFT keys.
-    pub fn adapter_parameters(&self) -> Vec<(String, Tensor)> {
-        let mut out = Vec::new();
-        for (module, lin) in self.linears() {
-            if let Some(d) = &lin.lora {
-                out.push((peft::peft_key(&module, "lora_A"), d.lora_a.clone()));
-                out.push((peft::peft_key(&module, "lora_B"), d.lora_b.clone()));
-            }
-        }
-        out
-    }
-
-    /// Marks the attached LoRA tensors whose PEFT keys satisfy `pred` as trainable (others frozen).
-    pub fn set_adapter_trainable(&mut self, pred: &dyn Fn(&str) -> bool) {
-        for (module, lin) in self.linears_mut() {
-            if let Some(d) = &mut lin.lora {
-                let a = peft::peft_key(&module, "lora_A");
-                let b = peft::peft_key(&module, "lora_B");
-                d.lora_a = if pred(&a) { d.lora_a.requires_grad() } else { d.lora_a.detach() };
-                d.lora_b = if pred(&b) { d.lora_b.requires_grad() } else { d.lora_b.detach() };
-            }
-        }
-    }
-
-    /// Marks the parameters whose names satisfy `pred` as trainable (and the others as frozen).
-    pub fn set_trainable(&mut self, pred: &dyn Fn(&str) -> bool) -> Result<()> {
-        self.map_parameters(&mut |name, t| Ok(if pred(name) { t.requires_grad() } else { t.detach() }))
-    }
-
-    /// The parameters currently marked trainable, with names.
-    pub fn trainable_parameters(&self) -> Vec<(String, Tensor)> {
-        self.named_parameters().into_iter().filter(|(_, t)| t.requires_grad_flag()).collect()
-    }
-
-    /// Weight dtype.
-    pub fn dtype(&self) -> DType {
-        self.embed_tokens.dtype()
-    }
-
-    /// The output projection (`lm_head`, or the embedding when tied).
-    pub fn lm_head_weight(&self) -> &Tensor {
-        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
-    }
-
-    fn ctx(&self, positions: &[i64], mask: AttentionMask) -> Result<LayerCtx> {
-        let c = &self.config;
-        Ok(LayerCtx {
-            rope: RopeTable::new(&self.inv_freq, positions, self.dtype(), Device::Cpu)?,
-            mask,
-            heads: c.num_attention_heads,
-            kv_heads: c.num_key_value_heads,
-            head_dim: c.head_dim,
-            eps: c.rms_norm_eps,
-        })
-    }
-
-    fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)> {
-        ensure_shape!(ids.rank() == 2, "forward", "input_ids must be [batch, seq], got {:?}", ids.shape());
-        let (b, t) = (ids.shape()[0], ids.shape()[1]);
-        if b == 0 || t == 0 {
-            return Err(Error::Input(format!("input_ids is empty (shape {:?})", ids.shape())));
-        }
-        Ok((b, t))
-    }
-
-    /// Final hidden states `[batch, seq, hidden]` (after the last norm).
-    pub fn hidden_states(&self, input: &ForwardInput) -> Result<Tensor> {
-        let (b, t) = self.check_ids(&input.input_ids)?;
-        let positions = match &input.position_ids {
-            Some(p) => {
-                ensure_shape!(p.len() == b * t, "forward", "{} position ids for {b}×{t} tokens", p.len());
-                p.clone()
-            }
-            None => (0..b).flat_map(|_| 0..t as i64).collect(),
-        };
-        let key_mask = match &input.attention_mask {
-            None => None,
-            Some(m) => {
-                ensure_shape!(m.shape() == [b, t], "forward", "attention_mask {:?} does not match input_ids [{b}, {t}]", m.shape());
-                Some(m.to_dtype(DType::U8)?)
-            }
-        };
-        let mask = AttentionMask { causal: true, key_mask, segment_ids: input.segment_ids.clone(), window: None };
-        let ctx = self.ctx(&positions, mask)?;
-        let mut h = ops::embedding(&self.embed_tokens, &input.input_ids)?;
-        for layer in &self.layers {
-            h = if self.gradient_checkpointing {
-                let (layer2, ctx2) = (layer.clone(), ctx.clone());
-                ops::checkpoint(&h, &layer.parameters(), Arc::new(move |x: &Tensor| layer2.forward(x, &ctx2)))?
-            } else {
-                layer.forward(&h, &ctx)?
-            };
-        }
-        ops::rms_norm(&h, &self.norm, self.config.rms_norm_eps)
-    }
-
-    /// Logits `[batch, seq, vocab]`.
-    pub fn forward(&self, input: &ForwardInput) -> Result<Tensor> {
-        let h = self.hidden_states(input)?;
-        ops::linear(&h, self.lm_head_weight(), None)
-    }
-
     /// Hugging Face's causal-LM loss: logits at t predict labels at t+1 (−100 ignored), mean over counted tokens.
     pub fn loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         ensure_shape!(logits.rank() == 3, "loss", "logits must be [batch, seq, vocab], got {:?}", logits.shape());
         let (b, t, v) = (logits.shape()[0], logits.shape()[1], logits.shape()[2]);
         ensure_shape!(labels.shape() == [b, t], "loss", "labels {:?} do not match logits [{b}, {t}, {v}]", labels.shape());
-        let l = labels.to_dtype(DType::I64)?.to_vec::<i64>()?;
-        let mut shifted = vec![ops::IGNORE_INDEX; b * t];
-        for r in 0..b {
-            shifted[r * t..r * t + t - 1].copy_from_slice(&l[r * t + 1..r * t + t]);
-        }
-        let targets = Tensor::from_vec(shifted, &[b * t], Device::Cpu)?;
-        ops::cross_entropy(&ops::reshape(logits, &[b * t, v])?, &targets)
+        ops::cross_entropy(&ops::reshape(logits, &[b * t, v])?, &crate::loss::shifted_targets(labels)?)
     }
 
-    /// Incremental forward for generation: appends `ids` (`[batch, t]`, real tokens marked by
-    /// `mask`) at `positions` to the cache and returns the logits of the last new position `[batch, vocab]`.
-    pub fn forward_cached(&self, ids: &[u32], mask: &[u8], positions: &[i64], cache: &mut KvCache) -> Result<Tensor> {
-        let c = &self.config;
-        let b = cache.batch;
-        let t = ids.len() / b.max(1);
-        ensure_shape!(t > 0 && ids.len() == b * t && mask.len() == ids.len() && positions.len() == ids.len(), "forward_cached", "{} ids, {} mask values, {} positions for batch {b}", ids.len(), mask.len(), positions.len());
-        let ids_t = Tensor::from_vec(ids.to_vec(), &[b, t], Device::Cpu)?;
-        cache.append_mask(mask)?;
-        let ctx = self.ctx(positions, AttentionMask::default())?;
-        let (d, hq, hk) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
-        crate::autograd::no_grad(|| {
-            let mut h = ops::embedding(&self.embed_tokens, &ids_t)?;
-            for (li, layer) in self.layers.iter().enumerate() {
-                let n = ops::rms_norm(&h, &layer.input_layernorm, c.rms_norm_eps)?;
-                let (q, k, v) = layer.self_attn.qkv(&n, &ctx)?;
-                cache.write(li, &*k.contiguous_storage()?, &*v.contiguous_storage()?, t)?;
-                let shape = AttnShape { batch: b, q_len: t, kv_len: cache.len + t, kv_cap: cache.capacity, n_heads: hq, n_kv_heads: hk, head_dim: d };
-                let masks = AttnMasks { causal: true, q_offset: cache.len, key_mask: Some(&cache.key_mask), segment_ids: None, window: layer.window };
-                let (o, _) = Storage::attention(&*q.contiguous_storage()?, &cache.k[li], &cache.v[li], &shape, &masks, 1.0 / (d as f64).sqrt())?;
-                let a = Tensor::from_storage(o, &[b, t, hq * d])?;
-                h = ops::add(&h, &layer.self_attn.o_proj.forward(&a)?)?;
-                let m = ops::rms_norm(&h, &layer.post_attention_layernorm, c.rms_norm_eps)?;
-                let g = ops::swiglu(&layer.mlp.gate_proj.forward(&m)?, &layer.mlp.up_proj.forward(&m)?)?;
-                h = ops::add(&h, &layer.mlp.down_proj.forward(&g)?)?;
-            }
-            cache.len += t;
-            let last = ops::narrow(&h, 1, t - 1, 1)?.contiguous()?;
-            let last = ops::reshape(&last, &[b, c.hidden_size])?;
-            let last = ops::rms_norm(&last, &self.norm, c.rms_norm_eps)?;
-            ops::linear(&last, self.lm_head_weight(), None)
-        })
+    /// This model, ready to carry adapters of type `B`, with adapter `name` attached per `cfg`.
+    /// The base weights are frozen and the adapter's are trainable, as PEFT's `get_peft_model` does.
+    pub fn with_adapter<B: Adapter>(self, name: &str, cfg: &AdapterConfig<B>) -> Result<Llama<B>> {
+        let mut m = self.into_adapter_type::<B>()?;
+        m.freeze_all()?;
+        m.add_adapter(name, cfg)?;
+        Ok(m)
     }
 
-    /// An empty KV cache sized for this model.
-    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
-        let c = &self.config;
-        KvCache::new(c.num_hidden_layers, batch, capacity, c.num_key_value_heads, c.head_dim, self.dtype(), Device::Cpu)
+    /// This model with linear layers able to carry adapters of type `B` (none attached yet).
+    pub fn into_adapter_type<B: Adapter>(self) -> Result<Llama<B>> {
+        let params: std::collections::HashMap<String, Tensor> = self.named_parameters().into_iter().collect();
+        let mut m = Llama::from_source(self.config, &mut |name, _| {
+            params.get(name).cloned().ok_or_else(|| Error::Input(format!("internal: no parameter `{name}`")))
+        })?;
+        m.gradient_checkpointing = self.gradient_checkpointing;
+        Ok(m)
     }
 }
 

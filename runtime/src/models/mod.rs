@@ -1,7 +1,9 @@
 //! Models. The Llama family (Llama, Mistral, Qwen2, Qwen3) shares one decoder, [`llama::Llama`].
 
 pub mod kv_cache;
+pub mod linear;
 pub mod llama;
 
 pub use kv_cache::KvCache;
-pub use llama::{ForwardInput, Llama};
+pub use linear::{AdapterSlot, Linear, Mode};
+pub use llama::{DecoderLayer, ForwardInput, Llama, Mlp, SelfAttention};

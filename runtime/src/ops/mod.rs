@@ -3,9 +3,12 @@
 
 mod attention;
 mod checkpoint;
+mod dropout;
 mod elementwise;
 mod embedding;
+mod kl_div;
 mod linear;
+mod mul_row;
 mod rms_norm;
 mod rope;
 mod shape;
@@ -14,9 +17,12 @@ mod token_nll;
 
 pub use attention::{attention, AttentionMask};
 pub use checkpoint::checkpoint;
+pub use dropout::{dropout, set_dropout_seed};
 pub use elementwise::{add, mul, scale, sub, sum};
 pub use embedding::embedding;
+pub use kl_div::token_kl;
 pub use linear::{linear, matmul};
+pub use mul_row::mul_row;
 pub use rms_norm::rms_norm;
 pub use rope::{rope, rope_inv_freq, RopeScaling, RopeTable};
 pub use shape::{copy_contiguous, narrow, reshape, transpose};

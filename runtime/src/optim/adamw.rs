@@ -21,6 +21,8 @@ use crate::tensor::{DType, Tensor};
 /// ```
 pub struct AdamW {
     params: Vec<Tensor>,
+    /// Per-parameter learning-rate multipliers (LoRA+).
+    lr_scales: Vec<f64>,
     m: Vec<Storage>,
     v: Vec<Storage>,
     pub lr: f64,
@@ -34,7 +36,20 @@ pub struct AdamW {
 impl AdamW {
     /// AdamW with PyTorch's defaults (betas 0.9/0.999, eps 1e-8, weight decay 0.01).
     pub fn new(params: Vec<Tensor>, lr: f64) -> AdamW {
-        AdamW { params, m: vec![], v: vec![], lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step: 0 }
+        let lr_scales = vec![1.0; params.len()];
+        AdamW { params, lr_scales, m: vec![], v: vec![], lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step: 0 }
+    }
+
+    /// AdamW where parameter `i` learns at `lr · scale_i` (its weight decay too, as a torch
+    /// parameter group with that learning rate does).
+    pub fn with_lr_scales(params: Vec<(Tensor, f64)>, lr: f64) -> AdamW {
+        let (params, scales): (Vec<Tensor>, Vec<f64>) = params.into_iter().unzip();
+        AdamW { lr_scales: scales, ..AdamW::new(params, lr) }
+    }
+
+    /// Settings of an AdamW the trainer builds over the model's trainable parameters.
+    pub fn lr(lr: f64) -> AdamWConfig {
+        AdamWConfig { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
     }
 
     /// Steps taken so far.
@@ -63,9 +78,50 @@ impl AdamW {
         for (i, p) in self.params.iter().enumerate() {
             let Some(g) = grads.get(p) else { continue };
             let g = g.contiguous_storage()?;
+            let h = AdamWStep { lr: self.lr * self.lr_scales[i], ..h };
             p.storage_mut().adamw_step(&g, &mut self.m[i], &mut self.v[i], &h)?;
         }
         Ok(())
+    }
+}
+
+/// AdamW hyper-parameters, before the parameters are known: `AdamW::lr(2e-4).weight_decay(0.0)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl AdamWConfig {
+    pub fn weight_decay(self, weight_decay: f64) -> Self {
+        AdamWConfig { weight_decay, ..self }
+    }
+    pub fn betas(self, beta1: f64, beta2: f64) -> Self {
+        AdamWConfig { beta1, beta2, ..self }
+    }
+    pub fn eps(self, eps: f64) -> Self {
+        AdamWConfig { eps, ..self }
+    }
+}
+
+impl super::OptimizerConfig for AdamWConfig {
+    type Optimizer = AdamW;
+    fn build(self, params: Vec<(Tensor, f64)>) -> AdamW {
+        let mut o = AdamW::with_lr_scales(params, self.lr);
+        (o.beta1, o.beta2, o.eps, o.weight_decay) = (self.beta1, self.beta2, self.eps, self.weight_decay);
+        o
+    }
+}
+
+impl super::Optimizer for AdamW {
+    fn step(&mut self, grads: &Grads) -> Result<()> {
+        AdamW::step(self, grads)
+    }
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
     }
 }
 
@@ -93,5 +149,17 @@ mod tests {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }
         assert_eq!(opt.steps(), 3);
+    }
+
+    /// A parameter with lr scale k moves k times as far on the first step (|Δ| = lr·k for Adam).
+    #[test]
+    fn lr_scales_multiply_the_step() {
+        let a = Tensor::from_vec(vec![1.0f32], &[1], Device::Cpu).unwrap().requires_grad();
+        let b = Tensor::from_vec(vec![1.0f32], &[1], Device::Cpu).unwrap().requires_grad();
+        let mut opt = AdamW::with_lr_scales(vec![(a.clone(), 1.0), (b.clone(), 16.0)], 1e-3);
+        opt.weight_decay = 0.0;
+        opt.step(&ops::sum(&ops::add(&a, &b).unwrap()).unwrap().backward().unwrap()).unwrap();
+        let (da, db) = (1.0 - a.to_vec::<f32>().unwrap()[0], 1.0 - b.to_vec::<f32>().unwrap()[0]);
+        assert!((da - 1e-3).abs() < 1e-7 && (db - 16e-3).abs() < 1e-6, "{da} {db}");
     }
 }

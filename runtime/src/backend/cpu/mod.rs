@@ -6,6 +6,7 @@ pub mod attention;
 pub mod embedding;
 pub mod float;
 pub mod gemm;
+pub mod kl_div;
 pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;
@@ -247,6 +248,15 @@ impl BackendStorage for CpuStorage {
         })
     }
 
+    fn mul_row(&self, row: &Self, cols: usize) -> Result<Self> {
+        with_float!("mul_row", self, |a| {
+            let r = same("mul_row", a, row)?;
+            let mut out = a.clone();
+            out.par_chunks_mut(cols).for_each(|o| o.iter_mut().zip(r).for_each(|(o, &b)| *o *= b));
+            Ok(FloatVec::wrap(out))
+        })
+    }
+
     fn write_blocks(&mut self, src: &Self, outer: usize, len: usize, dst_stride: usize, dst_offset: usize) -> Result<()> {
         fn copy<T: Copy>(d: &mut [T], s: &[T], outer: usize, len: usize, stride: usize, off: usize) -> Result<()> {
             if outer > 0 && ((outer - 1) * stride + off + len > d.len() || outer * len > s.len()) {
@@ -419,6 +429,24 @@ impl BackendStorage for CpuStorage {
             let (l, g) = (same("token_nll", z, lse)?, same("token_nll", z, g)?);
             let mut dz = vec![<_ as Float>::of(0.0); z.len()];
             token_nll::backward(z, t, l, g, vocab, &mut dz);
+            Ok(FloatVec::wrap(dz))
+        })
+    }
+
+    fn kl_rows(&self, reference: &Self, vocab: usize) -> Result<Self> {
+        with_float!("kl_rows", self, |z| {
+            let r = same("kl_rows", z, reference)?;
+            let mut kl = vec![<_ as Float>::of(0.0); z.len() / vocab.max(1)];
+            kl_div::forward(z, r, vocab, &mut kl);
+            Ok(FloatVec::wrap(kl))
+        })
+    }
+
+    fn kl_rows_backward(&self, reference: &Self, g: &Self, vocab: usize) -> Result<Self> {
+        with_float!("kl_rows", self, |z| {
+            let (r, g) = (same("kl_rows", z, reference)?, same("kl_rows", z, g)?);
+            let mut dz = vec![<_ as Float>::of(0.0); z.len()];
+            kl_div::backward(z, r, g, vocab, &mut dz);
             Ok(FloatVec::wrap(dz))
         })
     }

@@ -1,0 +1,135 @@
+//! The linear layer `y = x·Wᵀ + b`, in Hugging Face layout, carrying named adapters.
+//!
+//! Each adapter adds its delta to the base output: `y' = y + Σ_enabled delta_k(x)`. Merged adapters
+//! live in `W` instead and are skipped; a forward with adapters switched off (the frozen reference
+//! of preference and RL training) sees the base model.
+
+use crate::adapters::{Adapter, BaseLayer, NoAdapter};
+use crate::error::{Error, Result};
+use crate::module::{join, Module, ParamRole, Visit, VisitLinear, VisitLinearRef, VisitMut};
+use crate::ops;
+use crate::tensor::Tensor;
+
+/// One adapter instance on one layer.
+#[derive(Clone, Debug)]
+pub struct AdapterSlot<A> {
+    /// The adapter's name (`default`, or what the user chose).
+    pub name: String,
+    pub adapter: A,
+    /// Disabled adapters are kept but skipped.
+    pub enabled: bool,
+    /// Folded into the base weight.
+    pub merged: bool,
+}
+
+/// How a forward pass treats adapters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mode {
+    /// Apply enabled adapters (false: the base model alone).
+    pub adapters: bool,
+    /// Training: dropout is active.
+    pub training: bool,
+}
+
+impl Default for Mode {
+    fn default() -> Self {
+        Mode { adapters: true, training: false }
+    }
+}
+
+/// A linear layer: weight `[out, in]`, optional bias `[out]`, adapters of type `A`.
+#[derive(Clone, Debug)]
+pub struct Linear<A: Adapter = NoAdapter> {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub adapters: Vec<AdapterSlot<A>>,
+}
+
+impl<A: Adapter> Linear<A> {
+    /// A layer with no adapters.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias, adapters: Vec::new() }
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.shape()[1]
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.shape()[0]
+    }
+
+    /// What an adapter of this layer sees.
+    pub fn base<'a>(&'a self, module: &'a str, out: Option<&'a Tensor>, training: bool) -> BaseLayer<'a> {
+        BaseLayer { module, weight: &self.weight, bias: self.bias.as_ref(), out, training }
+    }
+
+    /// `x·Wᵀ + b` plus every enabled, unmerged adapter (inference mode).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_mode(x, Mode::default())
+    }
+
+    /// [`Linear::forward`] under `mode`. Switching adapters off while one is merged is an error:
+    /// the base weight no longer exists separately.
+    pub fn forward_mode(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let y = ops::linear(x, &self.weight, self.bias.as_ref())?;
+        if !mode.adapters {
+            if let Some(s) = self.adapters.iter().find(|s| s.merged) {
+                return Err(Error::Input(format!("adapter `{}` is merged into the weights; unmerge it before running the base model", s.name)));
+            }
+            return Ok(y);
+        }
+        let mut out = y.clone();
+        for s in self.adapters.iter().filter(|s| s.enabled && !s.merged) {
+            let d = s.adapter.forward(x, self.base("", Some(&y), mode.training))?;
+            out = ops::add(&out, &d)?;
+        }
+        Ok(out)
+    }
+}
+
+/// The name of an adapter parameter inside the model: PEFT's in-memory form, the adapter name
+/// before the last component (`lora_A.weight` of `default` → `lora_A.default.weight`).
+pub fn adapter_param_name(module: &str, key: &str, adapter: &str) -> String {
+    let named = match key.rsplit_once('.') {
+        Some((head, last)) => format!("{head}.{adapter}.{last}"),
+        None => format!("{key}.{adapter}"),
+    };
+    join(module, &named)
+}
+
+impl<A: Adapter> Module for Linear<A> {
+    fn visit(&self, prefix: &str, f: &mut Visit<'_>) {
+        f(&join(prefix, "weight"), &self.weight, ParamRole::Base);
+        if let Some(b) = &self.bias {
+            f(&join(prefix, "bias"), b, ParamRole::Base);
+        }
+        for s in &self.adapters {
+            s.adapter.visit_params(&mut |key, t| {
+                f(&adapter_param_name(prefix, key, &s.name), t, ParamRole::Adapter { adapter: &s.name, module: prefix, key })
+            });
+        }
+    }
+
+    fn visit_mut(&mut self, prefix: &str, f: &mut VisitMut<'_>) -> Result<()> {
+        f(&join(prefix, "weight"), &mut self.weight, ParamRole::Base)?;
+        if let Some(b) = &mut self.bias {
+            f(&join(prefix, "bias"), b, ParamRole::Base)?;
+        }
+        for s in &mut self.adapters {
+            let name = s.name.clone();
+            s.adapter.visit_params_mut(&mut |key, t| {
+                f(&adapter_param_name(prefix, key, &name), t, ParamRole::Adapter { adapter: &name, module: prefix, key })
+            })?;
+        }
+        Ok(())
+    }
+
+    fn visit_linears(&self, prefix: &str, f: &mut VisitLinearRef<'_>) {
+        f(prefix, self)
+    }
+
+    fn visit_linears_mut(&mut self, prefix: &str, f: &mut VisitLinear<'_>) -> Result<()> {
+        f(prefix, self)
+    }
+}
