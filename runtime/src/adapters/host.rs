@@ -132,44 +132,12 @@ pub trait AdapterHost: Module {
 
     /// Folds adapter `name` into the base weights (`W ← W + ΔW`); it stops costing compute.
     fn merge_adapter<A: Adapter>(&mut self, name: &str) -> Result<()> {
-        let mut found = false;
-        crate::autograd::no_grad(|| {
-            each_linear::<A, _>(self, |module, l| {
-                let Some(i) = l.adapters.iter().position(|s| s.name == name) else { return Ok(()) };
-                found = true;
-                if l.adapters[i].merged {
-                    return Ok(());
-                }
-                let (w, b) = (l.weight.clone(), l.bias.clone());
-                let base = crate::adapters::BaseLayer { module, weight: &w, bias: b.as_ref(), out: None, training: false };
-                let merged = l.adapters[i].adapter.merge(base)?;
-                l.weight = if w.requires_grad_flag() { merged.requires_grad() } else { merged };
-                l.adapters[i].merged = true;
-                Ok(())
-            })
-        })?;
-        found.then_some(()).ok_or_else(|| no_adapter(self, name))
+        fold::<A, Self>(self, name, true)
     }
 
     /// Undoes [`AdapterHost::merge_adapter`].
     fn unmerge_adapter<A: Adapter>(&mut self, name: &str) -> Result<()> {
-        let mut found = false;
-        crate::autograd::no_grad(|| {
-            each_linear::<A, _>(self, |module, l| {
-                let Some(i) = l.adapters.iter().position(|s| s.name == name) else { return Ok(()) };
-                found = true;
-                if !l.adapters[i].merged {
-                    return Ok(());
-                }
-                let (w, b) = (l.weight.clone(), l.bias.clone());
-                let base = crate::adapters::BaseLayer { module, weight: &w, bias: b.as_ref(), out: None, training: false };
-                let orig = l.adapters[i].adapter.unmerge(base)?;
-                l.weight = if w.requires_grad_flag() { orig.requires_grad() } else { orig };
-                l.adapters[i].merged = false;
-                Ok(())
-            })
-        })?;
-        found.then_some(()).ok_or_else(|| no_adapter(self, name))
+        fold::<A, Self>(self, name, false)
     }
 
     /// Removes adapter `name` (unmerging it first if merged).
@@ -271,6 +239,29 @@ pub trait AdapterHost: Module {
 }
 
 impl<M: Module + ?Sized> AdapterHost for M {}
+
+/// Merges (`merge`) or unmerges adapter `name` on every layer that carries it; layers already in
+/// the requested state are left alone.
+fn fold<A: Adapter, M: AdapterHost + ?Sized>(m: &mut M, name: &str, merge: bool) -> Result<()> {
+    let mut found = false;
+    crate::autograd::no_grad(|| {
+        each_linear::<A, M>(m, |module, l| {
+            let Some(i) = l.adapters.iter().position(|s| s.name == name) else { return Ok(()) };
+            found = true;
+            if l.adapters[i].merged == merge {
+                return Ok(());
+            }
+            let (w, b) = (l.weight.clone(), l.bias.clone());
+            let base = crate::adapters::BaseLayer { module, weight: &w, bias: b.as_ref(), out: None, training: false };
+            let slot = &mut l.adapters[i];
+            let new = if merge { slot.adapter.merge(base)? } else { slot.adapter.unmerge(base)? };
+            l.weight = if w.requires_grad_flag() { new.requires_grad() } else { new };
+            l.adapters[i].merged = merge;
+            Ok(())
+        })
+    })?;
+    found.then_some(()).ok_or_else(|| no_adapter(m, name))
+}
 
 fn no_adapter<M: Module + ?Sized>(m: &M, name: &str) -> Error {
     Error::Input(format!("no adapter named `{name}`; attached: {:?}", m.adapter_names()))
