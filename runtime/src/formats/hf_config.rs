@@ -215,6 +215,58 @@ impl ModelConfig {
         })
     }
 
+    /// `config.json` as transformers writes it for this architecture, with `torch_dtype` set to
+    /// the weights' dtype. [`ModelConfig::from_json`] of the result gives `self` back.
+    pub fn to_hf_json(&self, dtype: &str) -> Value {
+        let rope_scaling = match &self.rope_scaling {
+            RopeScaling::Default => Value::Null,
+            RopeScaling::Linear { factor } => serde_json::json!({"rope_type": "linear", "factor": factor}),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => serde_json::json!({
+                "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                // transformers insists on an integer here.
+                "original_max_position_embeddings": *original_max_position_embeddings as u64,
+            }),
+        };
+        let model_type = match self.architecture {
+            Architecture::Llama => "llama",
+            Architecture::Mistral => "mistral",
+            Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
+        };
+        let first_window = self.layer_windows.iter().position(|w| w.is_some());
+        let window = first_window.and_then(|i| self.layer_windows[i]);
+        let mut v = serde_json::json!({
+            "architectures": [self.architecture.class_name()],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.qkv_bias && self.architecture != Architecture::Qwen2,
+            "mlp_bias": self.mlp_bias,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": match self.eos_token_ids.as_slice() { [one] => serde_json::json!(one), many => serde_json::json!(many) },
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": dtype,
+            "sliding_window": window,
+        });
+        if matches!(self.architecture, Architecture::Qwen2 | Architecture::Qwen3) {
+            v["use_sliding_window"] = Value::Bool(window.is_some());
+            v["max_window_layers"] = serde_json::json!(first_window.unwrap_or(self.num_hidden_layers));
+        }
+        v
+    }
+
     /// Number of parameters the decoder has with this configuration.
     pub fn parameter_count(&self) -> usize {
         let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);

@@ -230,6 +230,34 @@ impl<A: Adapter> Llama<A> {
         })
     }
 
+    /// Writes a Hugging Face model folder (`config.json` + `model.safetensors`, both atomic) that
+    /// transformers and vLLM load. Adapters must be merged first ([`Llama::merge_and_unload`] or
+    /// [`Llama::merge_adapter`]): an active unmerged adapter is an error rather than a silent drop.
+    pub fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        let mut active = None;
+        crate::adapters::host::each_linear_ref::<A, _>(self, |m, l| {
+            if let Some(s) = l.adapters.iter().find(|s| s.enabled && !s.merged) {
+                active.get_or_insert(format!("adapter `{}` on `{m}`", s.name));
+            }
+        })?;
+        if let Some(what) = active {
+            return Err(Error::Input(format!("{what} is not merged: merge it (merge_and_unload) before saving a full model, or save the adapter alone")));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let dtype = match self.dtype() {
+            DType::F32 => "float32",
+            DType::F64 => "float64",
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            other => return Err(Error::dtype("save_pretrained", format!("weights of dtype {other}"))),
+        };
+        let cfg = serde_json::to_string_pretty(&self.config.to_hf_json(dtype)).map_err(|e| Error::Input(format!("config.json: {e}")))?;
+        crate::formats::safetensors::write_atomic(&dir.join("config.json"), cfg.as_bytes())?;
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        crate::formats::safetensors::save(&dir.join("model.safetensors"), &self.base_parameters(), Some(meta))
+    }
+
     /// Trainable parameters with their learning-rate multipliers (LoRA+ trains `lora_B` faster).
     pub fn trainable_with_lr_scale(&self) -> Vec<(String, Tensor, f64)> {
         let mut scale = std::collections::HashMap::new();
