@@ -39,6 +39,8 @@ struct Options {
 
 struct Model {
     options: Options,
+    /// Fields marked `#[param]`, parsed or not (to tell "no parameters" from "broken ones").
+    param_fields: usize,
     params: Vec<Param>,
     hypers: Vec<Hyper>,
     states: Vec<Ident>,
@@ -52,7 +54,12 @@ fn parse_options(attr: TokenStream, errs: &mut Errors) -> Options {
         let custom = |meta: &syn::meta::ParseNestedMeta| -> syn::Result<bool> {
             let v: Ident = meta.value()?.parse()?;
             if v != "custom" {
-                return Err(syn::Error::new_spanned(&v, "expected `custom`"));
+                let what = if meta.path.is_ident("merge") {
+                    "`merge = custom` is the only choice: write `merge_weight` and `unmerge_weight`; without it the merge is W + ΔW"
+                } else {
+                    "`format = custom` is the only choice: implement `AdapterFormat` yourself; without it the adapter uses temper's generic adapter_config.json"
+                };
+                return Err(syn::Error::new_spanned(&v, what));
             }
             Ok(true)
         };
@@ -116,7 +123,7 @@ fn parse_param(f: &syn::Field, ident: &Ident, attr: &syn::Attribute, errs: &mut 
 
 fn parse(attr: TokenStream, input: &DeriveInput, errs: &mut Errors) -> Model {
     let options = parse_options(attr, errs);
-    let mut m = Model { options, params: vec![], hypers: vec![], states: vec![] };
+    let mut m = Model { options, param_fields: 0, params: vec![], hypers: vec![], states: vec![] };
     let fields = match &input.data {
         Data::Struct(s) => match &s.fields {
             Fields::Named(f) => f.named.iter().collect::<Vec<_>>(),
@@ -133,7 +140,10 @@ fn parse(attr: TokenStream, input: &DeriveInput, errs: &mut Errors) -> Model {
         let roles: Vec<&syn::Attribute> = f.attrs.iter().filter(|a| ["param", "hyper", "state"].iter().any(|r| a.path().is_ident(r))).collect();
         match roles.as_slice() {
             [] => errs.at(&ident, format!("field `{ident}` is neither a parameter nor a hyper-parameter: mark it `#[param(shape = [..], init = ..)]`, `#[hyper]` or `#[state]`")),
-            [a] if a.path().is_ident("param") => m.params.extend(parse_param(f, &ident, a, errs)),
+            [a] if a.path().is_ident("param") => {
+                m.param_fields += 1;
+                m.params.extend(parse_param(f, &ident, a, errs))
+            }
             [a] if a.path().is_ident("hyper") => {
                 let mut default = None;
                 if matches!(a.meta, syn::Meta::List(_)) {
@@ -162,7 +172,7 @@ fn parse(attr: TokenStream, input: &DeriveInput, errs: &mut Errors) -> Model {
 // ---- check ----
 
 fn check(input: &DeriveInput, m: &Model, errs: &mut Errors) {
-    if m.params.is_empty() && matches!(&input.data, Data::Struct(_)) {
+    if m.param_fields == 0 && matches!(&input.data, Data::Struct(_)) {
         errs.at(&input.ident, "an adapter needs at least one `#[param(..)]` tensor");
     }
     let hyper_names: Vec<String> = m.hypers.iter().map(|h| h.ident.to_string()).collect();

@@ -89,19 +89,27 @@ fn calls(fields: &[Field], method: &str, mutable: bool, fallible: bool) -> Vec<T
             let (ident, ty) = (&fl.ident, &fl.ty);
             let q = if fallible { quote!(?) } else { quote!() };
             let borrow = if mutable { quote!(&mut) } else { quote!(&) };
+            // The field is bound first so that the call (and a "not a module" error) carries the
+            // span of the field's type alone.
+            let field = syn::Ident::new("__field", ty.span());
             if let Some((head, tail)) = fl.key.split_once("{i}") {
                 let (head, tail) = (head.to_string(), tail.to_string());
                 let iter = if mutable { quote!(iter_mut) } else { quote!(iter) };
-                quote_spanned! {ty.span()=>
-                    for (i, m) in self.#ident.#iter().enumerate() {
+                let call = quote_spanned! {ty.span()=> ::temper::module::Module::#m(#field, &::temper::module::join(prefix, &key), f) #q };
+                quote! {
+                    for (i, #field) in self.#ident.#iter().enumerate() {
                         let key = ::std::format!("{}{}{}", #head, i, #tail);
-                        ::temper::module::Module::#m(m, &::temper::module::join(prefix, &key), f) #q;
+                        #call;
                     }
                 }
             } else {
                 let key = &fl.key;
-                quote_spanned! {ty.span()=>
-                    ::temper::module::Module::#m(#borrow self.#ident, &::temper::module::join(prefix, #key), f) #q;
+                let call = quote_spanned! {ty.span()=> ::temper::module::Module::#m(#field, &::temper::module::join(prefix, #key), f) #q };
+                quote! {
+                    {
+                        let #field = #borrow self.#ident;
+                        #call;
+                    }
                 }
             }
         })

@@ -111,4 +111,9 @@ fn a_dtype<A: Adapter + ?Sized>(a: &A, base: BaseLayer<'_>) -> DType {
 /// An adapter that can be switched off to leave the base model — every real adapter (`#[adapter]`
 /// implements it), but not [`super::NoAdapter`]. Loss terms that need a frozen reference policy
 /// (`kl()`) require it, so asking for one on a model without an adapter is a compile error.
+#[diagnostic::on_unimplemented(
+    message = "this loss needs a reference policy, and a model without an adapter (`{Self}`) has none",
+    label = "a loss term here (`kl()`) compares the model with its base with adapters switched off",
+    note = "attach an adapter (`base.with_adapter(..)`) or compare with an explicit frozen model: `kl_to(reference_model)`"
+)]
 pub trait Switchable: Adapter {}
