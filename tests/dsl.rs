@@ -100,3 +100,63 @@ fn composed_loss_trains_logs_each_term_and_saves() {
     let a = trainer.into_model().forward(&batch.input).unwrap().to_vec::<f32>().unwrap();
     assert_eq!(again.forward(&batch.input).unwrap().to_vec::<f32>().unwrap(), a);
 }
+
+#[test]
+fn named_adapters_switch_independently_and_the_base_is_the_reference() {
+    let base = Llama::load(&fixture("models/llama_gqa_llama3rope"), DType::F32).unwrap();
+    let ids = Tensor::from_vec((0..12).map(|i| (i * 5 % 100) as i64).collect::<Vec<_>>(), &[1, 12], Device::Cpu).unwrap();
+    let input = ForwardInput::ids(ids);
+    let plain = base.forward(&input).unwrap().to_vec::<f32>().unwrap();
+    let mut m = base.with_adapter("a", &Lora::config(2, 4.0).seed(1)).unwrap();
+    m.add_adapter("b", &Lora::config(2, 4.0).targets(Targets::names(["o_proj"])).seed(2)).unwrap();
+    assert_eq!(m.adapter_names(), ["a", "b"]);
+    // Give both adapters non-zero B so each changes the output.
+    m.visit_mut("", &mut |n, t, _| {
+        if n.contains("lora_B") {
+            let v: Vec<f32> = (0..t.elem_count()).map(|i| ((i % 7) as f32 - 3.0) * 0.05).collect();
+            *t = Tensor::from_vec(v, t.shape(), Device::Cpu)?.requires_grad();
+        }
+        Ok(())
+    })
+    .unwrap();
+    let out = |m: &Llama<Lora>| m.forward(&input).unwrap().to_vec::<f32>().unwrap();
+    let both = out(&m);
+    m.set_adapter_enabled("b", false).unwrap();
+    let only_a = out(&m);
+    m.set_adapter_enabled("a", false).unwrap();
+    assert_eq!(out(&m), plain, "with every adapter off the model is the base");
+    m.set_adapter_enabled("b", true).unwrap();
+    let only_b = out(&m);
+    assert!(both != only_a && both != only_b && only_a != only_b && only_a != plain && only_b != plain);
+    m.set_adapter_enabled("a", true).unwrap();
+    assert_eq!(m.reference_forward(&input).unwrap().to_vec::<f32>().unwrap(), plain);
+    assert!(m.set_adapter_enabled("c", true).unwrap_err().to_string().contains("[\"a\", \"b\"]"));
+    m.delete_adapter("b").unwrap();
+    assert_eq!(out(&m), only_a);
+}
+
+#[test]
+fn lora_dropout_acts_in_training_only_and_loraplus_scales_lora_b() {
+    let base = Llama::load(&fixture("models/llama_gqa_llama3rope"), DType::F32).unwrap();
+    let cfg = Lora::config(2, 4.0).with(|h| {
+        h.lora_dropout = 0.5;
+        h.loraplus_lr_ratio = 16.0;
+    });
+    let mut m = base.with_adapter("default", &cfg).unwrap();
+    m.visit_mut("", &mut |n, t, _| {
+        if n.contains("lora_B") {
+            *t = Tensor::from_vec(vec![0.3f32; t.elem_count()], t.shape(), Device::Cpu)?.requires_grad();
+        }
+        Ok(())
+    })
+    .unwrap();
+    let input = ForwardInput::ids(Tensor::from_vec(vec![1i64, 5, 9, 13, 17, 21], &[1, 6], Device::Cpu).unwrap());
+    let eval1 = m.forward(&input).unwrap().to_vec::<f32>().unwrap();
+    assert_eq!(eval1, m.forward(&input).unwrap().to_vec::<f32>().unwrap(), "no dropout in inference");
+    m.training = true;
+    let t1 = m.forward(&input).unwrap().to_vec::<f32>().unwrap();
+    let t2 = m.forward(&input).unwrap().to_vec::<f32>().unwrap();
+    assert!(t1 != eval1 && t1 != t2, "dropout draws a new mask in each training forward");
+    let scales: Vec<(String, f64)> = m.trainable_with_lr_scale().into_iter().map(|(n, _, s)| (n, s)).collect();
+    assert!(scales.iter().all(|(n, s)| (*s == 16.0) == n.contains("lora_B")), "{scales:?}");
+}

@@ -196,3 +196,34 @@ fn generation_with_an_adapter_uses_it() {
     assert_ne!(with, args(false), "the adapter changes the continuation");
     let _ = <Lora as Adapter>::NAME;
 }
+
+/// OLoRA: temper's QR initialisation leaves PEFT's residual base weight and `s·B·A` (sign-free),
+/// and an OLoRA folder PEFT saved loads onto a fresh base with PEFT's logits (the residual is
+/// rebuilt on load, as PEFT does).
+#[test]
+fn olora_initialisation_and_reload_match_peft() {
+    let r = reference("llama_olora");
+    let cfg = Lora::config(2, 6.0).with(|h| h.init_lora_weights = temper::adapters::LoraInit::Olora).targets(temper::adapters::Targets::names(["q_proj", "down_proj"]));
+    let m = base().with_adapter("default", &cfg).unwrap();
+    let params: std::collections::HashMap<String, Tensor> = m.named_parameters().into_iter().collect();
+    let mut checked = 0;
+    for name in r.names().filter(|n| n.starts_with("residual.")) {
+        let module = name.trim_start_matches("residual.").trim_end_matches(".weight");
+        let got = params[&format!("{module}.weight")].to_f64_vec().unwrap();
+        let err = relative_error(&got, &r.load(name).unwrap().to_f64_vec().unwrap());
+        assert!(err < 1e-5, "{module}: residual weight differs from PEFT's by {err:e}");
+        let a = &params[&format!("{module}.lora_A.default.weight")];
+        let b = &params[&format!("{module}.lora_B.default.weight")];
+        let ba = temper::ops::scale(&temper::ops::matmul(b, a, false, false).unwrap(), 3.0).unwrap().to_f64_vec().unwrap();
+        let err = relative_error(&ba, &r.load(&format!("product.{module}")).unwrap().to_f64_vec().unwrap());
+        assert!(err < 1e-5, "{module}: s·B·A differs from PEFT's by {err:e}");
+        checked += 1;
+    }
+    assert_eq!(checked, 4);
+    // At start the model is the base model: residual + s·B·A = W.
+    let worst = worst_logit_error(&m.forward(&input(&r)).unwrap(), &base().forward(&input(&r)).unwrap(), &r);
+    assert!(worst < 1e-4, "OLoRA changed the model at start by {worst:e}");
+    let reloaded = loaded::<Lora>("llama_olora");
+    let worst = worst_logit_error(&reloaded.forward(&input(&r)).unwrap(), &r.load("logits").unwrap(), &r);
+    assert!(worst <= 1e-4, "reloaded OLoRA logits differ from PEFT's by {worst:e}");
+}
