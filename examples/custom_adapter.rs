@@ -1,8 +1,5 @@
-//! A user-defined adapter in a few lines: a gated low-rank update `y = W x + s · g ∘ B(A x)`,
-//! trained for a few steps with `ce + 0.1 · kl` on a bundled tiny model, then saved.
-//!
-//!     cargo run --release --example custom_adapter
-use temper::loss::{ce, kl};
+//! A user-defined adapter, y = W x + s · g ∘ B(A x), trained with `ce + 0.1·kl` and saved.
+//! `cargo run --release --example custom_adapter`
 use temper::prelude::*;
 
 #[adapter]
@@ -13,10 +10,8 @@ pub struct GatedLora {
     pub lora_b: Tensor,
     #[param(shape = [out_features], init = ones)]
     pub gate: Tensor,
-    #[hyper]
-    pub r: usize,
-    #[hyper]
-    pub alpha: f64,
+    #[hyper] pub r: usize,
+    #[hyper] pub alpha: f64,
 }
 
 impl GatedLora {
@@ -26,12 +21,11 @@ impl GatedLora {
     }
 }
 
-fn main() -> Result<()> {
+pub fn main() -> Result<()> {
     let base = Llama::load("tests/fixtures/models/llama_gqa_llama3rope".as_ref(), DType::F32)?;
-    let cfg = GatedLora::config(4, 8.0).targets(Targets::names(["q_proj", "v_proj"]));
-    let model = base.with_adapter("default", &cfg)?;
+    let model = base.with_adapter("default", &GatedLora::config(4, 8.0).targets(Targets::names(["q_proj", "v_proj"])))?;
     model.print_trainable_parameters();
-    let ids = Tensor::from_vec((0..16).map(|i| (i * 7 % 100) as i64).collect::<Vec<_>>(), &[2, 8], Device::Cpu)?;
+    let ids = Tensor::from_vec((0..16).map(|i| i * 7 % 100).collect::<Vec<i64>>(), &[2, 8], Device::Cpu)?;
     let batch = Batch { input: ForwardInput::ids(ids.clone()), labels: ids };
     let mut trainer = Trainer::new(model, ce() + 0.1 * kl(), AdamW::lr(1e-2));
     for _ in 0..20 {

@@ -160,3 +160,24 @@ fn lora_dropout_acts_in_training_only_and_loraplus_scales_lora_b() {
     let scales: Vec<(String, f64)> = m.trainable_with_lr_scale().into_iter().map(|(n, _, s)| (n, s)).collect();
     assert!(scales.iter().all(|(n, s)| (*s == 16.0) == n.contains("lora_B")), "{scales:?}");
 }
+
+#[path = "../examples/custom_adapter.rs"]
+mod custom_adapter;
+
+#[test]
+fn custom_adapter_example_trains_and_saves() {
+    let dir = std::path::Path::new("target/gated-lora");
+    let _ = std::fs::remove_dir_all(dir);
+    custom_adapter::main().unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["temper_adapter"], "GatedLora");
+    assert_eq!(cfg["config"], serde_json::json!({"r": 4, "alpha": 8.0}));
+    let files = temper::formats::safetensors::SafetensorsFiles::open_files(&[dir.join("adapter_model.safetensors")]).unwrap();
+    assert!(files.contains("base_model.model.model.layers.1.self_attn.v_proj.gate"));
+    // Trained: B moved away from its zero start.
+    let b = files.load("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight").unwrap().to_f64_vec().unwrap();
+    assert!(b.iter().any(|v| v.abs() > 1e-4));
+    // And the folder loads back into a model with the user's type.
+    let mut m = Llama::load(&fixture("models/llama_gqa_llama3rope"), DType::F32).unwrap().into_adapter_type::<custom_adapter::GatedLora>().unwrap();
+    assert_eq!(m.load_adapter::<custom_adapter::GatedLora>(dir, "default").unwrap().len(), 4);
+}
