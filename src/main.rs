@@ -33,6 +33,8 @@ enum Command {
     Forward(ForwardArgs),
     /// Generate text or token ids from a prompt.
     Generate(GenerateArgs),
+    /// Merge a PEFT adapter into its base model and save a full Hugging Face model folder.
+    Merge(MergeArgs),
     /// Print a model's architecture, parameter count, dtypes and memory estimate.
     Inspect(InspectArgs),
     /// Measure tokens/s and peak memory of a training step or of generation (JSON).
@@ -118,6 +120,38 @@ struct BenchArgs {
 /// mimalloc's `mi_option_purge_delay`: position 15 of `mi_option_e` in both bundled headers (v2, v3).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
+#[derive(clap::Args)]
+struct MergeArgs {
+    /// Base model: a Hugging Face folder or a .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// The adapter folder (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Output folder: config.json, model.safetensors, and the base folder's tokenizer files.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn merge(a: MergeArgs) -> Result<()> {
+    match load_model(&a.model, &Some(a.adapter.clone()))? {
+        Loaded::Base(_) => return Err(Error::format(&a.adapter, "not an adapter folder")),
+        Loaded::Lora(m) => m.merge_and_unload()?.save_pretrained(&a.out)?,
+        Loaded::Dora(m) => m.merge_and_unload()?.save_pretrained(&a.out)?,
+    }
+    // The merged folder should be usable on its own: bring the tokenizer and generation settings.
+    if a.model.is_dir() {
+        for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja"] {
+            let src = a.model.join(f);
+            if src.exists() {
+                std::fs::copy(&src, a.out.join(f)).map_err(|e| Error::io(&src, e))?;
+            }
+        }
+    }
+    eprintln!("merged {} into {} and wrote {}", a.adapter.display(), a.model.display(), a.out.display());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     // Never hand freed pages back to the kernel: a training step frees and reallocates the same
     // activation-sized buffers every step, and each purge made the kernel clear them again.
@@ -133,6 +167,7 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Command::Forward(a) => forward(a),
         Command::Generate(a) => run_generate(a),
+        Command::Merge(a) => merge(a),
         Command::Inspect(a) => inspect(a),
         Command::Bench(a) => bench(a, cli.threads.unwrap_or_else(rayon::current_num_threads)),
     };

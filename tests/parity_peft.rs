@@ -227,3 +227,21 @@ fn olora_initialisation_and_reload_match_peft() {
     let worst = worst_logit_error(&reloaded.forward(&input(&r)).unwrap(), &r.load("logits").unwrap(), &r);
     assert!(worst <= 1e-4, "reloaded OLoRA logits differ from PEFT's by {worst:e}");
 }
+
+#[test]
+fn cli_merge_writes_a_model_with_peft_merged_outputs() {
+    for name in ["llama_lora", "llama_dora"] {
+        let out = scratch_dir(&format!("cli-merge-{name}"));
+        let (ok, _, err) = temper(&[
+            "merge", "--model", fixture("models/llama_gqa_llama3rope").to_str().unwrap(),
+            "--adapter", fixture(&format!("adapters/{name}")).to_str().unwrap(), "--out", out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{err}");
+        let r = reference(name);
+        let merged = Llama::load(&out, DType::F32).unwrap();
+        let worst = worst_logit_error(&merged.forward(&input(&r)).unwrap(), &r.load("merged_logits").unwrap(), &r);
+        assert!(worst <= 1e-4, "{name}: merged model logits max abs error {worst:e}");
+    }
+    let (ok, _, err) = temper(&["merge", "--model", fixture("models/llama_gqa_llama3rope").to_str().unwrap(), "--adapter", "/nonexistent", "--out", "/tmp/x"]);
+    assert!(!ok && err.contains("/nonexistent/adapter_config.json"), "{err}");
+}
