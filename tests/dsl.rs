@@ -180,4 +180,13 @@ fn custom_adapter_example_trains_and_saves() {
     // And the folder loads back into a model with the user's type.
     let mut m = Llama::load(&fixture("models/llama_gqa_llama3rope"), DType::F32).unwrap().into_adapter_type::<custom_adapter::GatedLora>().unwrap();
     assert_eq!(m.load_adapter::<custom_adapter::GatedLora>(dir, "default").unwrap().len(), 4);
+    // The default merge reads ΔW off the user's delta: merged and unmerged models agree.
+    let input = ForwardInput::ids(Tensor::from_vec(vec![3i64, 14, 15, 92, 65, 35], &[1, 6], Device::Cpu).unwrap());
+    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-4);
+    let adapted = m.forward(&input).unwrap().to_vec::<f32>().unwrap();
+    assert_ne!(adapted, Llama::load(&fixture("models/llama_gqa_llama3rope"), DType::F32).unwrap().forward(&input).unwrap().to_vec::<f32>().unwrap());
+    m.merge_adapter("default").unwrap();
+    assert!(close(&m.forward(&input).unwrap().to_vec::<f32>().unwrap(), &adapted));
+    m.unmerge_adapter("default").unwrap();
+    assert!(close(&m.forward(&input).unwrap().to_vec::<f32>().unwrap(), &adapted));
 }

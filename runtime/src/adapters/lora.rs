@@ -15,7 +15,7 @@ use serde_json::Value;
 use std::path::Path;
 
 /// A LoRA adapter on one linear layer.
-#[adapter(format = custom, after_init = init_from_base)]
+#[adapter(format = custom, merge = custom, after_init = init_from_base)]
 pub struct Lora {
     #[param(key = "lora_A.weight", shape = [r, in_features], init = kaiming_uniform)]
     pub lora_a: Tensor,
@@ -51,6 +51,19 @@ impl Lora {
         let x = if base.training { ops::dropout(x, self.lora_dropout)? } else { x.clone() };
         let h = ops::linear(&x, &self.lora_a, None)?;
         ops::scale(&ops::linear(&h, &self.lora_b, None)?, self.settings().scale())
+    }
+
+    /// `s·B·A` `[out, in]` in the base weight's dtype.
+    fn delta_weight(&self, base: BaseLayer<'_>) -> Result<Tensor> {
+        crate::autograd::no_grad(|| ops::scale(&ops::matmul(&self.lora_b, &self.lora_a, false, false)?, self.settings().scale())?.to_dtype(base.weight.dtype()))
+    }
+
+    fn merge_weight(&mut self, base: BaseLayer<'_>) -> Result<Tensor> {
+        crate::autograd::no_grad(|| ops::add(base.weight, &self.delta_weight(base)?))
+    }
+
+    fn unmerge_weight(&mut self, base: BaseLayer<'_>) -> Result<Tensor> {
+        crate::autograd::no_grad(|| ops::sub(base.weight, &self.delta_weight(base)?))
     }
 
     fn init_from_base(&mut self, weight: &mut Tensor) -> Result<()> {
