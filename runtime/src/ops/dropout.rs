@@ -1,19 +1,21 @@
 //! Inverted dropout: `y = x ∘ m / (1 − p)` with `m ~ Bernoulli(1 − p)` per element.
 //!
 //! The mask is a constant of the graph, so the backward is `dx = g ∘ m / (1 − p)` through [`mul`].
-//! Masks come from a process-wide seeded stream ([`set_dropout_seed`]) so runs are reproducible.
+//! Masks come from a seeded stream per thread ([`set_dropout_seed`]) so runs are reproducible.
 
 use super::elementwise::mul;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::cell::Cell;
 
-static STREAM: AtomicU64 = AtomicU64::new(0x5eed);
+thread_local! {
+    static STREAM: Cell<u64> = const { Cell::new(0x5eed) };
+}
 
-/// Restarts the dropout mask stream from `seed`.
+/// Restarts this thread's dropout mask stream from `seed`.
 pub fn set_dropout_seed(seed: u64) {
-    STREAM.store(seed, Ordering::Relaxed);
+    STREAM.with(|s| s.set(seed));
 }
 
 /// Drops each element of `x` with probability `p` and rescales the rest by `1/(1 − p)`.
@@ -25,7 +27,7 @@ pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
     if p == 0.0 {
         return Ok(x.clone());
     }
-    let mut rng = Rng::new(STREAM.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed));
+    let mut rng = Rng::new(STREAM.with(|s| s.replace(s.get().wrapping_add(0x9E37_79B9_7F4A_7C15))));
     let keep = 1.0 / (1.0 - p);
     let m: Vec<f64> = (0..x.elem_count()).map(|_| if rng.uniform() < p { 0.0 } else { keep }).collect();
     let m = Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(x.dtype())?;
@@ -35,7 +37,22 @@ pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::autograd::gradcheck::test_values;
+    use crate::autograd::gradcheck::{max_gradient_error, test_values};
+
+    #[test]
+    fn dropout_gradient_matches_finite_differences_for_a_fixed_mask() {
+        let err = max_gradient_error(
+            |t| {
+                set_dropout_seed(42); // the same mask on every evaluation
+                let y = dropout(&t[0], 0.3)?;
+                super::super::sum(&super::super::mul(&y, &y)?)
+            },
+            &[(test_values(40, 5), vec![5, 8])],
+            1e-6,
+        )
+        .unwrap();
+        assert!(err < 1e-8, "max error {err}");
+    }
 
     #[test]
     fn dropout_keeps_expectation_and_its_gradient_is_the_mask() {
