@@ -49,12 +49,15 @@ fn check_against_peft<A: AdapterFormat>(name: &str, tensors_per_layer: usize) {
     let grads = loss.backward().unwrap();
     let params = model.adapter_parameters("default");
     assert_eq!(params.len() % tensors_per_layer, 0);
+    let mut worst_grad = 0.0f64;
     for (key, p) in &params {
         let g = grads.get(p).unwrap_or_else(|| panic!("{name}: no gradient for {key}")).to_f64_vec().unwrap();
         let want = r.load(&format!("grad.{key}")).unwrap().to_f64_vec().unwrap();
         let err = relative_error(&g, &want);
         assert!(err <= 1e-3, "{name}: gradient of {key}: relative error {err:e}");
+        worst_grad = worst_grad.max(err);
     }
+    eprintln!("{name}: max |Δlogit| {worst:.2e}, max gradient relative error {worst_grad:.2e} over {} tensors", params.len());
     // The base stays frozen: no base parameter received a gradient.
     assert!(model.base_parameters().iter().all(|(_, t)| grads.get(t).is_none()));
     // Merged into the weights, the model gives PEFT's merged logits; unmerged, the adapter's again.
