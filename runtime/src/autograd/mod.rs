@@ -69,6 +69,36 @@ impl Grads {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+    /// Adds `other`'s gradients into these (gradient accumulation over micro-batches).
+    pub fn accumulate(&mut self, other: Grads) -> Result<()> {
+        no_grad(|| {
+            for (id, g) in other.0 {
+                let sum = match self.0.remove(&id) {
+                    None => g,
+                    Some(prev) => crate::ops::add(&prev, &g)?,
+                };
+                self.0.insert(id, sum);
+            }
+            Ok(())
+        })
+    }
+    /// √(Σ g²) over every gradient held.
+    pub fn global_norm(&self) -> Result<f64> {
+        let mut s = 0.0;
+        for g in self.0.values() {
+            s += g.to_f64_vec()?.iter().map(|v| v * v).sum::<f64>();
+        }
+        Ok(s.sqrt())
+    }
+    /// Multiplies every gradient by `c` (clipping).
+    pub fn scale(&mut self, c: f64) -> Result<()> {
+        no_grad(|| {
+            for g in self.0.values_mut() {
+                *g = crate::ops::scale(g, c)?;
+            }
+            Ok(())
+        })
+    }
 }
 
 /// Nodes reachable from `root` through grad_fns, inputs before outputs.

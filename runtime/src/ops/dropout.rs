@@ -18,6 +18,11 @@ pub fn set_dropout_seed(seed: u64) {
     STREAM.with(|s| s.set(seed));
 }
 
+/// This thread's dropout stream position (saved in checkpoints so a resumed run draws the same masks).
+pub fn dropout_state() -> u64 {
+    STREAM.with(|s| s.get())
+}
+
 /// Drops each element of `x` with probability `p` and rescales the rest by `1/(1 − p)`.
 /// `p = 0` returns `x` itself.
 pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {

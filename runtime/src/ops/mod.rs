@@ -17,7 +17,7 @@ mod token_nll;
 
 pub use attention::{attention, AttentionMask};
 pub use checkpoint::checkpoint;
-pub use dropout::{dropout, set_dropout_seed};
+pub use dropout::{dropout, dropout_state, set_dropout_seed};
 pub use elementwise::{add, mul, scale, sub, sum};
 pub use embedding::embedding;
 pub use kl_div::token_kl;

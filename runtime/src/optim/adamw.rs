@@ -57,6 +57,37 @@ impl AdamW {
         self.step
     }
 
+    /// The moment estimates and step count, by parameter index: `m.{i}`, `v.{i}` (F32) and `step`.
+    pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![("step".to_string(), Tensor::from_vec(vec![self.step as i64], &[1], crate::Device::Cpu)?)];
+        for (i, (m, v)) in self.m.iter().zip(&self.v).enumerate() {
+            let n = self.params[i].shape();
+            out.push((format!("m.{i}"), Tensor::from_storage(m.clone(), n)?));
+            out.push((format!("v.{i}"), Tensor::from_storage(v.clone(), n)?));
+        }
+        Ok(out)
+    }
+
+    /// Restores [`AdamW::state`] (shapes checked against the parameters).
+    pub fn load_state(&mut self, get: &dyn Fn(&str) -> Result<Option<Tensor>>) -> Result<()> {
+        let step = get("step")?.ok_or_else(|| Error::Input("optimizer state has no `step`".into()))?;
+        self.step = step.to_vec::<i64>()?[0] as u64;
+        let (mut m, mut v) = (Vec::new(), Vec::new());
+        if self.step > 0 {
+            for (i, p) in self.params.iter().enumerate() {
+                for (name, dst) in [(format!("m.{i}"), &mut m), (format!("v.{i}"), &mut v)] {
+                    let t = get(&name)?.ok_or_else(|| Error::Input(format!("optimizer state has no `{name}`")))?;
+                    if t.shape() != p.shape() || t.dtype() != DType::F32 {
+                        return Err(Error::Input(format!("optimizer state `{name}` is {} {:?}, the parameter is {:?}", t.dtype(), t.shape(), p.shape())));
+                    }
+                    dst.push(t.contiguous_storage()?.clone());
+                }
+            }
+        }
+        (self.m, self.v) = (m, v);
+        Ok(())
+    }
+
     /// Bytes of optimizer state.
     pub fn state_bytes(&self) -> usize {
         self.m.iter().chain(&self.v).map(|s| s.len() * 4).sum()
@@ -122,6 +153,12 @@ impl super::Optimizer for AdamW {
     }
     fn set_lr(&mut self, lr: f64) {
         self.lr = lr;
+    }
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        AdamW::state(self)
+    }
+    fn load_state(&mut self, get: &dyn Fn(&str) -> Result<Option<Tensor>>) -> Result<()> {
+        AdamW::load_state(self, get)
     }
 }
 

@@ -14,6 +14,10 @@ pub trait Optimizer {
     fn step(&mut self, grads: &Grads) -> Result<()>;
     /// Sets the base learning rate (schedules).
     fn set_lr(&mut self, lr: f64);
+    /// Everything needed to continue exactly (moments, step count), as named tensors.
+    fn state(&self) -> Result<Vec<(String, Tensor)>>;
+    /// Restores [`Optimizer::state`]; `get` returns a saved tensor by name.
+    fn load_state(&mut self, get: &dyn Fn(&str) -> Result<Option<Tensor>>) -> Result<()>;
 }
 
 /// Optimizer settings; [`OptimizerConfig::build`] makes the optimizer over `(parameter, lr multiplier)`.

@@ -4,7 +4,14 @@
 //! are inlined, there is no dynamic dispatch inside it, and it holds no state the loss does not
 //! need (a reference forward runs only when a term asks for it).
 
+pub mod checkpoint;
+pub mod schedule;
+pub mod sft;
+
+pub use schedule::{Schedule, ScheduleKind};
+
 use crate::adapters::{Adapter, AdapterFormat, AdapterHost};
+use crate::autograd::Grads;
 use crate::error::Result;
 use crate::loss::{StepCx, Term, TermLog};
 use crate::models::{ForwardInput, Llama};
@@ -19,16 +26,36 @@ pub struct Batch {
     pub labels: Tensor,
 }
 
-/// What one step reports.
+impl Batch {
+    /// Positions whose next-token label is trained (what the loss averages over).
+    pub fn target_tokens(&self) -> Result<usize> {
+        Ok(crate::loss::shifted_targets(&self.labels)?.to_vec::<i64>()?.iter().filter(|&&y| y != crate::ops::IGNORE_INDEX).count())
+    }
+    /// Real (unpadded) input tokens.
+    pub fn input_tokens(&self) -> Result<usize> {
+        Ok(match &self.input.attention_mask {
+            Some(m) => m.to_vec::<i64>()?.iter().filter(|&&v| v != 0).count(),
+            None => self.input.input_ids.elem_count(),
+        })
+    }
+}
+
+/// What one optimizer step reports.
 #[derive(Clone, Debug)]
 pub struct StepLog {
     pub step: u64,
-    /// The total loss.
+    /// The total loss (mean over the step's target tokens).
     pub loss: f64,
-    /// Each named term, unscaled.
+    /// Each named term, unscaled, averaged over the micro-batches by their target tokens.
     pub terms: TermLog,
-    /// Tokens that carried a label.
+    /// Positions that carried a label.
     pub trained_tokens: usize,
+    /// Real input tokens processed.
+    pub input_tokens: usize,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used for this update.
+    pub lr: f64,
 }
 
 /// A trainer for `Llama<A>` with loss `L` and optimizer `O`.
@@ -51,18 +78,87 @@ where
         Trainer { model, loss, optimizer: optimizer.build(params), step: 0 }
     }
 
-    /// Forward, loss, backward, update.
+    /// Forward, loss, backward, update on one batch at the optimizer's current learning rate.
     pub fn step(&mut self, batch: &Batch) -> Result<StepLog> {
-        let logits = self.model.forward(&batch.input)?;
-        let cx = StepCx::new(&self.model, &batch.input, &batch.labels, logits);
-        let mut terms = TermLog::new();
-        let loss = self.loss.eval(&cx, &mut terms)?;
-        let trained_tokens = cx.shifted_targets()?.to_vec::<i64>()?.iter().filter(|&&y| y != crate::ops::IGNORE_INDEX).count();
-        let grads = loss.backward()?;
-        drop(cx);
+        self.step_accumulated(std::slice::from_ref(batch), None, None)
+    }
+
+    /// One optimizer step over several micro-batches. Each micro-batch's loss (a mean over its
+    /// target tokens) is weighted by its share of the step's target tokens, so the step equals one
+    /// big batch. `lr` (when given) is set first; gradients are clipped to `max_grad_norm`.
+    /// A non-finite loss or gradient norm is an error and the weights are left untouched.
+    pub fn step_accumulated(&mut self, micro: &[Batch], lr: Option<f64>, max_grad_norm: Option<f64>) -> Result<StepLog> {
+        let counts = micro.iter().map(Batch::target_tokens).collect::<Result<Vec<_>>>()?;
+        let total: usize = counts.iter().sum();
+        if total == 0 {
+            return Err(crate::Error::Input(format!("step {}: no target tokens in {} micro-batches (every label is -100)", self.step + 1, micro.len())));
+        }
+        let mut grads = Grads::default();
+        let (mut loss_sum, mut terms, mut input_tokens) = (0.0, TermLog::new(), 0);
+        for (batch, &n) in micro.iter().zip(&counts) {
+            if n == 0 {
+                continue;
+            }
+            let w = n as f64 / total as f64;
+            let logits = self.model.forward(&batch.input)?;
+            let cx = StepCx::new(&self.model, &batch.input, &batch.labels, logits);
+            let mut t = TermLog::new();
+            let loss = crate::ops::scale(&self.loss.eval(&cx, &mut t)?, w)?;
+            drop(cx);
+            loss_sum += loss.to_scalar()?;
+            for (name, v) in t {
+                match terms.iter_mut().find(|(k, _)| *k == name) {
+                    Some((_, acc)) => *acc += w * v,
+                    None => terms.push((name, w * v)),
+                }
+            }
+            grads.accumulate(loss.backward()?)?;
+            input_tokens += batch.input_tokens()?;
+        }
+        let grad_norm = grads.global_norm()?;
+        if !loss_sum.is_finite() || !grad_norm.is_finite() {
+            return Err(crate::Error::Input(format!(
+                "step {}: the loss is {loss_sum} and the gradient norm {grad_norm}; stopping before the update (lower the learning rate or check the data)",
+                self.step + 1
+            )));
+        }
+        if let Some(max) = max_grad_norm.filter(|&m| m > 0.0 && grad_norm > m) {
+            grads.scale(max / (grad_norm + 1e-6))?;
+        }
+        if let Some(lr) = lr {
+            self.optimizer.set_lr(lr);
+        }
         self.optimizer.step(&grads)?;
         self.step += 1;
-        Ok(StepLog { step: self.step, loss: loss.to_scalar()?, terms, trained_tokens })
+        Ok(StepLog { step: self.step, loss: loss_sum, terms, trained_tokens: total, input_tokens, grad_norm, lr: lr.unwrap_or(f64::NAN) })
+    }
+
+    /// Mean cross-entropy over the target tokens of `batches` (no gradients, adapters on,
+    /// dropout off), and its perplexity.
+    pub fn evaluate(&mut self, batches: &[Batch]) -> Result<(f64, f64)> {
+        let was = std::mem::replace(&mut self.model.training, false);
+        let r = crate::autograd::no_grad(|| {
+            let (mut nll, mut n) = (0.0, 0usize);
+            for b in batches {
+                let k = b.target_tokens()?;
+                if k == 0 {
+                    continue;
+                }
+                nll += Llama::loss(&self.model.forward(&b.input)?, &b.labels)?.to_scalar()? * k as f64;
+                n += k;
+            }
+            if n == 0 {
+                return Err(crate::Error::Input("the eval set has no target tokens".into()));
+            }
+            Ok((nll / n as f64, (nll / n as f64).exp()))
+        });
+        self.model.training = was;
+        r
+    }
+
+    /// Sets the step counter (resuming from a checkpoint).
+    pub fn set_steps(&mut self, step: u64) {
+        self.step = step;
     }
 
     /// Steps taken.
