@@ -34,3 +34,4 @@ pub mod __private {
 
 pub use module::{Module, ModuleExt};
 pub use temper_macros::{adapter, Module};
+pub mod data;
