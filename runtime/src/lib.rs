@@ -22,6 +22,7 @@ pub mod linalg;
 pub mod loss;
 pub mod train;
 pub mod module;
+pub mod monitor;
 
 // Generated code names everything `::temper::…`; inside the runtime that is the runtime itself,
 // in users' crates it is the facade, which re-exports the runtime at the same paths.
