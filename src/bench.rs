@@ -51,8 +51,9 @@ fn config(vocab: usize, hidden: usize, inter: usize, layers: usize, heads: usize
 pub fn shape(name: &str) -> Result<Shape> {
     Ok(match name {
         "small" => Shape { name: "small", config: config(1000, 256, 688, 4, 8, 4, 10000.0, false), batch: 4, seq: 256 },
+        "tiny" => Shape { name: "tiny", config: ModelConfig { head_dim: 16, ..config(512, 64, 128, 2, 4, 2, 10000.0, false) }, batch: 8, seq: 128 },
         "smollm2" => Shape { name: "smollm2", config: config(49152, 576, 1536, 30, 9, 3, 100000.0, true), batch: 1, seq: 256 },
-        other => return Err(Error::Input(format!("unknown bench shape `{other}` (expected small or smollm2)"))),
+        other => return Err(Error::Input(format!("unknown bench shape `{other}` (expected tiny, small or smollm2)"))),
     })
 }
 
@@ -92,6 +93,30 @@ pub fn train(shape: &Shape, steps: usize) -> Result<f64> {
         step()?;
     }
     Ok((b * t * steps) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// LoRA SFT steps as `tools/bench_sft_torch.py` times them: rank `r`, alpha 2r, all seven
+/// projections, AdamW over the adapter, CE over every token, two warm-up steps.
+/// Returns (tokens per second, milliseconds per step).
+pub fn lora_sft(shape: &Shape, steps: usize, batch: usize, seq: usize, r: usize) -> Result<(f64, f64)> {
+    use temper_runtime::adapters::{Lora, Targets};
+    let base = Llama::random(shape.config.clone(), 0.02, 0, DType::F32)?;
+    let model = base.with_adapter("default", &Lora::config(r, 2.0 * r as f64).targets(Targets::AllLinear))?;
+    let mut trainer = temper_runtime::train::Trainer::new(model, temper_runtime::loss::ce(), AdamW::lr(1e-4));
+    let ids = token_ids(batch * seq, shape.config.vocab_size, 42);
+    let b = temper_runtime::train::Batch {
+        input: ForwardInput::ids(Tensor::from_vec(ids.clone(), &[batch, seq], Device::Cpu)?),
+        labels: Tensor::from_vec(ids, &[batch, seq], Device::Cpu)?,
+    };
+    for _ in 0..2 {
+        trainer.step(&b)?;
+    }
+    let start = Instant::now();
+    for _ in 0..steps {
+        trainer.step(&b)?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(((batch * seq * steps) as f64 / secs, 1000.0 * secs / steps.max(1) as f64))
 }
 
 /// Greedy generation, batch 1, a 16-token prompt, `new_tokens` new tokens, after one warm-up.

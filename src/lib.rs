@@ -32,3 +32,5 @@ pub mod prelude {
 }
 
 pub mod bench;
+pub mod config;
+pub mod sft;

@@ -35,6 +35,11 @@ enum Command {
     Generate(GenerateArgs),
     /// Merge a PEFT adapter into its base model and save a full Hugging Face model folder.
     Merge(MergeArgs),
+    /// Supervised fine-tuning from a TOML config (see docs/config.md).
+    Train(TrainArgs),
+    /// Inspect training data as the model will see it.
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Print a model's architecture, parameter count, dtypes and memory estimate.
     Inspect(InspectArgs),
     /// Measure tokens/s and peak memory of a training step or of generation (JSON).
@@ -105,7 +110,7 @@ struct InspectArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// train (forward + backward + AdamW) or generate (greedy, batch 1).
+    /// train (forward + backward + AdamW), lora-sft (LoRA training steps) or generate (greedy, batch 1).
     #[arg(long, default_value = "train")]
     workload: String,
     /// small (hidden 256, 4 layers, batch 4 × 256) or smollm2 (SmolLM2-135M's shape).
@@ -115,40 +120,102 @@ struct BenchArgs {
     steps: usize,
     #[arg(long, default_value_t = 64)]
     new_tokens: usize,
+    /// lora-sft: micro-batch size (default per shape: tiny 8, smollm2 1).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// lora-sft: sequence length (default per shape: tiny 128, smollm2 256).
+    #[arg(long)]
+    seq: Option<usize>,
+    /// lora-sft: LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
 }
 
 /// mimalloc's `mi_option_purge_delay`: position 15 of `mi_option_e` in both bundled headers (v2, v3).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 #[derive(clap::Args)]
+struct TrainArgs {
+    /// The config file.
+    config: PathBuf,
+    /// Continue from the last checkpoint in output_dir.
+    #[arg(long)]
+    resume: bool,
+    /// Progress display: auto (a bar on a terminal, lines otherwise), bar, lines, off.
+    #[arg(long, default_value = "auto")]
+    progress: String,
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Print examples as the model sees them, masked (untrained) tokens marked.
+    Preview {
+        config: PathBuf,
+        /// How many examples.
+        #[arg(long, default_value_t = 3)]
+        n: usize,
+        /// One JSON object per line: {"text", "input_ids", "labels"} (-100 where masked).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    use temper::monitor::Progress;
+    let progress = match a.progress.as_str() {
+        "auto" => Progress::Auto,
+        "bar" => Progress::Bar,
+        "lines" => Progress::Lines,
+        "off" => Progress::Off,
+        other => return Err(Error::Input(format!("--progress `{other}`: expected auto, bar, lines or off"))),
+    };
+    let s = temper::sft::train(&a.config, a.resume, progress)?;
+    let last = s.losses.last().copied().unwrap_or(f64::NAN);
+    match s.last_eval {
+        Some((l, p)) => eprintln!("done: {} steps, last loss {last:.4}, eval loss {l:.4} (perplexity {p:.2})", s.steps),
+        None => eprintln!("done: {} steps, last loss {last:.4}", s.steps),
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
 struct MergeArgs {
     /// Base model: a Hugging Face folder or a .gguf file.
-    #[arg(long)]
-    model: PathBuf,
+    #[arg(required_unless_present = "model_flag")]
+    base: Option<PathBuf>,
     /// The adapter folder (adapter_config.json + adapter_model.safetensors).
-    #[arg(long)]
-    adapter: PathBuf,
+    #[arg(required_unless_present = "adapter_flag")]
+    adapter_dir: Option<PathBuf>,
+    /// The base model, as a flag.
+    #[arg(long = "model", id = "model_flag", conflicts_with = "base")]
+    model: Option<PathBuf>,
+    /// The adapter folder, as a flag.
+    #[arg(long = "adapter", id = "adapter_flag", conflicts_with = "adapter_dir")]
+    adapter: Option<PathBuf>,
     /// Output folder: config.json, model.safetensors, and the base folder's tokenizer files.
     #[arg(long)]
     out: PathBuf,
 }
 
 fn merge(a: MergeArgs) -> Result<()> {
-    match load_model(&a.model, &Some(a.adapter.clone()))? {
-        Loaded::Base(_) => return Err(Error::format(&a.adapter, "not an adapter folder")),
+    let missing = || Error::Input("give the base model and the adapter folder: temper merge BASE ADAPTER --out DIR".into());
+    let model = a.base.clone().or(a.model.clone()).ok_or_else(missing)?;
+    let adapter = a.adapter_dir.clone().or(a.adapter.clone()).ok_or_else(missing)?;
+    match load_model(&model, &Some(adapter.clone()))? {
+        Loaded::Base(_) => return Err(Error::format(&adapter, "not an adapter folder")),
         Loaded::Lora(m) => m.merge_and_unload()?.save_pretrained(&a.out)?,
         Loaded::Dora(m) => m.merge_and_unload()?.save_pretrained(&a.out)?,
     }
     // The merged folder should be usable on its own: bring the tokenizer and generation settings.
-    if a.model.is_dir() {
+    if model.is_dir() {
         for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja"] {
-            let src = a.model.join(f);
+            let src = model.join(f);
             if src.exists() {
                 std::fs::copy(&src, a.out.join(f)).map_err(|e| Error::io(&src, e))?;
             }
         }
     }
-    eprintln!("merged {} into {} and wrote {}", a.adapter.display(), a.model.display(), a.out.display());
+    eprintln!("merged {} into {} and wrote {}", adapter.display(), model.display(), a.out.display());
     Ok(())
 }
 
@@ -168,6 +235,12 @@ fn main() -> ExitCode {
         Command::Forward(a) => forward(a),
         Command::Generate(a) => run_generate(a),
         Command::Merge(a) => merge(a),
+        Command::Train(a) => train(a),
+        Command::Data(DataCommand::Preview { config, n, json }) => temper::sft::preview(&config, n, json).map(|lines| {
+            for l in lines {
+                println!("{l}");
+            }
+        }),
         Command::Inspect(a) => inspect(a),
         Command::Bench(a) => bench(a, cli.threads.unwrap_or_else(rayon::current_num_threads)),
     };
@@ -419,6 +492,19 @@ fn inspect(a: InspectArgs) -> Result<()> {
 
 fn bench(a: BenchArgs, threads: usize) -> Result<()> {
     let shape = temper::bench::shape(&a.shape)?;
+    if a.workload == "lora-sft" {
+        let (batch, seq) = (a.batch.unwrap_or(shape.batch), a.seq.unwrap_or(shape.seq));
+        let (tps, step_ms) = temper::bench::lora_sft(&shape, a.steps, batch, seq, a.rank)?;
+        println!(
+            "{}",
+            serde_json::json!({
+                "impl": "temper", "workload": "lora-sft", "shape": shape.name, "threads": threads, "batch": batch, "seq": seq,
+                "rank": a.rank, "steps": a.steps, "tokens_per_s": tps, "step_ms": step_ms,
+                "peak_rss_mb": temper::bench::peak_rss_bytes() as f64 / (1024.0 * 1024.0),
+            })
+        );
+        return Ok(());
+    }
     let (tps, steps) = match a.workload.as_str() {
         "train" => (temper::bench::train(&shape, a.steps)?, a.steps),
         "generate" => (temper::bench::generation(&shape, a.new_tokens)?, a.new_tokens),

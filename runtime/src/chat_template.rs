@@ -575,3 +575,15 @@ mod tests {
         assert_eq!(got, EXPECTED[1].3);
     }
 }
+
+/// Built-in chat templates by name, for models whose tokenizer carries none (or to override it):
+/// `chatml` (`<|im_start|>role\n…<|im_end|>\n`), `llama3` (`<|start_header_id|>role<|end_header_id|>\n\n…<|eot_id|>`),
+/// `mistral` (`[INST] … [/INST]…</s>`).
+pub fn builtin_template(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "chatml" => "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+        "llama3" => "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
+        "mistral" => "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% elif message['role'] == 'system' %}{{ message['content'] + '\n\n' }}{% else %}{{ raise_exception('mistral template: unknown role ' + message['role']) }}{% endif %}{% endfor %}",
+        _ => return None,
+    })
+}

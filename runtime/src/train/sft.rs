@@ -21,6 +21,18 @@ pub trait Logger {
     fn text(&mut self, step: u64, tag: &str, text: &str) -> Result<()>;
 }
 
+impl Logger for crate::monitor::Monitor {
+    fn train(&mut self, step: u64, scalars: &[(&str, f64)]) -> Result<()> {
+        self.log_train(step, scalars)
+    }
+    fn eval(&mut self, step: u64, scalars: &[(&str, f64)]) -> Result<()> {
+        self.log_eval(step, scalars)
+    }
+    fn text(&mut self, step: u64, tag: &str, text: &str) -> Result<()> {
+        self.log_text(step, tag, text)
+    }
+}
+
 /// A logger that keeps everything in memory (tests, library use without files).
 #[derive(Default, Debug, Clone)]
 pub struct MemoryLogger {
@@ -81,6 +93,41 @@ pub struct Samples<'a> {
     pub max_new_tokens: usize,
 }
 
+/// Greedy generations for the sample prompts, logged as text (`sample/i`).
+fn log_samples<A: AdapterFormat, L, O: Optimizer>(trainer: &mut Trainer<A, L, O>, sm: &Samples<'_>, step: u64, log: &mut dyn Logger) -> Result<()> {
+    let cfg = crate::generate::GenerationConfig {
+        max_new_tokens: sm.max_new_tokens,
+        eos_token_ids: sm.tokenizer.eos_token_ids.clone(),
+        pad_token_id: sm.tokenizer.pad_token_id.unwrap_or(0),
+        ..Default::default()
+    };
+    let was = std::mem::replace(&mut trainer.model.training, false);
+    let out = crate::generate::generate(&trainer.model, &sm.prompts, &cfg, Some(sm.tokenizer));
+    trainer.model.training = was;
+    for (i, ids) in out?.tokens.iter().enumerate() {
+        log.text(step, &format!("sample/{i}"), &decode_lenient(sm.tokenizer, ids)?)?;
+    }
+    Ok(())
+}
+
+/// Text of generated ids; ids past the tokenizer's vocabulary (models often pad their embedding
+/// table) show as `<id:N>` instead of failing the run.
+fn decode_lenient(tok: &crate::tokenizer::Tokenizer, ids: &[u32]) -> Result<String> {
+    let n = tok.vocab_size() as u32;
+    let mut out = String::new();
+    for chunk in ids.split_inclusive(|&id| id >= n) {
+        let (last, body) = match chunk.split_last() {
+            Some((&l, b)) if l >= n => (Some(l), b),
+            _ => (None, chunk),
+        };
+        out.push_str(&tok.decode(body, true)?);
+        if let Some(l) = last {
+            out.push_str(&format!("<id:{l}>"));
+        }
+    }
+    Ok(out)
+}
+
 /// What a finished run reports.
 #[derive(Clone, Debug)]
 pub struct SftSummary {
@@ -132,6 +179,9 @@ where
     let mut last_eval = None;
     let started = Instant::now();
     let mut window = (Instant::now(), 0usize);
+    if let (Some(sm), None) = (samples, resumed_from) {
+        log_samples(trainer, sm, 0, log)?; // what the model says before training, to compare
+    }
     while trainer.steps() < opts.total_steps {
         let mut micro = Vec::with_capacity(opts.gradient_accumulation_steps);
         while micro.len() < opts.gradient_accumulation_steps.max(1) {
@@ -163,25 +213,15 @@ where
             log.train(s.step, &scalars)?;
             window = (Instant::now(), 0);
         }
-        if opts.eval_steps.is_some_and(|n| n > 0 && s.step % n == 0) || (s.step == opts.total_steps && !eval.is_empty()) {
+        let last = s.step == opts.total_steps;
+        if opts.eval_steps.is_some_and(|n| n > 0 && s.step % n == 0) || last {
             if !eval.is_empty() {
                 let (loss, ppl) = trainer.evaluate(eval)?;
-                log.eval(s.step, &[("eval_loss", loss), ("eval_ppl", ppl)])?;
+                log.eval(s.step, &[("loss", loss), ("ppl", ppl)])?;
                 last_eval = Some((loss, ppl));
             }
             if let Some(sm) = samples {
-                let cfg = crate::generate::GenerationConfig {
-                    max_new_tokens: sm.max_new_tokens,
-                    eos_token_ids: sm.tokenizer.eos_token_ids.clone(),
-                    pad_token_id: sm.tokenizer.pad_token_id.unwrap_or(0),
-                    ..Default::default()
-                };
-                let was = std::mem::replace(&mut trainer.model.training, false);
-                let out = crate::generate::generate(&trainer.model, &sm.prompts, &cfg, Some(sm.tokenizer));
-                trainer.model.training = was;
-                for (i, ids) in out?.tokens.iter().enumerate() {
-                    log.text(s.step, &format!("sample/{i}"), &sm.tokenizer.decode(ids, true)?)?;
-                }
+                log_samples(trainer, sm, s.step, log)?;
             }
         }
         if opts.save_steps.is_some_and(|n| n > 0 && s.step % n == 0) {

@@ -1,0 +1,198 @@
+//! `temper train CONFIG.toml`: the run's settings, with Axolotl-like keys (docs/config.md lists
+//! them all). Unknown keys and conflicting options are errors that name the key.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use temper_runtime::{Error, Result};
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// A Hugging Face model folder or a llama GGUF file.
+    pub base_model: PathBuf,
+    /// Tokenizer folder or GGUF (default: the base model's).
+    pub tokenizer: Option<PathBuf>,
+    /// `"tokenizer"` (the model's own template, default), `"chatml"`, or a path to a `.jinja` file.
+    pub chat_template: Option<String>,
+    #[serde(default)]
+    pub adapter: AdapterSection,
+    pub datasets: Vec<DatasetSection>,
+    /// Fraction of examples held out for evaluation (0 = none).
+    #[serde(default)]
+    pub val_set_size: f64,
+    #[serde(default = "d_sequence_len")]
+    pub sequence_len: usize,
+    /// `"drop"` (default) or `"truncate"` examples longer than sequence_len.
+    pub too_long: Option<String>,
+    #[serde(default)]
+    pub sample_packing: bool,
+    #[serde(default = "d_one")]
+    pub micro_batch_size: usize,
+    #[serde(default = "d_one")]
+    pub gradient_accumulation_steps: usize,
+    pub num_epochs: Option<f64>,
+    pub max_steps: Option<u64>,
+    #[serde(default = "d_lr")]
+    pub learning_rate: f64,
+    /// `"cosine"` (default), `"linear"` or `"constant"`.
+    pub lr_scheduler: Option<String>,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "d_grad_norm")]
+    pub max_grad_norm: f64,
+    #[serde(default = "d_one_u64")]
+    pub logging_steps: u64,
+    pub eval_steps: Option<u64>,
+    pub save_steps: Option<u64>,
+    #[serde(default = "d_keep")]
+    pub save_total_limit: usize,
+    pub output_dir: PathBuf,
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    /// `"cpu"` (the CUDA backend arrives with its issue).
+    pub device: Option<String>,
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
+    /// bf16 compute with f32 master weights; needs a backend with bf16 kernels.
+    #[serde(default)]
+    pub bf16: bool,
+    /// Continue from the last checkpoint in output_dir.
+    #[serde(default)]
+    pub resume: bool,
+    /// Prompts generated from at each evaluation (logged).
+    #[serde(default)]
+    pub sample_prompts: Vec<String>,
+    #[serde(default = "d_sample_tokens")]
+    pub sample_max_new_tokens: usize,
+}
+
+/// `[adapter]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterSection {
+    /// `"lora"` (default), `"dora"`, `"qlora"` or `"none"` (full fine-tuning).
+    #[serde(default = "d_kind")]
+    pub kind: String,
+    #[serde(default = "d_r")]
+    pub r: usize,
+    pub alpha: Option<f64>,
+    #[serde(default)]
+    pub dropout: f64,
+    /// A list of layer names, or `"all-linear"` (default).
+    pub target_modules: Option<TargetModules>,
+    #[serde(default)]
+    pub use_rslora: bool,
+    pub loraplus_lr_ratio: Option<f64>,
+}
+
+impl Default for AdapterSection {
+    fn default() -> Self {
+        AdapterSection { kind: d_kind(), r: d_r(), alpha: None, dropout: 0.0, target_modules: None, use_rslora: false, loraplus_lr_ratio: None }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    One(String),
+    List(Vec<String>),
+}
+
+/// `[[datasets]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetSection {
+    pub path: PathBuf,
+    /// `chat`, `sharegpt`, `alpaca`, `completion`, `input_output`, `tokenized`.
+    #[serde(rename = "type", alias = "format")]
+    pub format: String,
+    /// `assistant` (default), `all`, `last_turn`, `per_message`.
+    pub train_on: Option<String>,
+    /// Field names when they differ from the format's defaults.
+    #[serde(default)]
+    pub fields: std::collections::BTreeMap<String, toml::Value>,
+}
+
+fn d_sequence_len() -> usize {
+    512
+}
+fn d_one() -> usize {
+    1
+}
+fn d_one_u64() -> u64 {
+    1
+}
+fn d_lr() -> f64 {
+    2e-4
+}
+fn d_grad_norm() -> f64 {
+    1.0
+}
+fn d_keep() -> usize {
+    2
+}
+fn d_seed() -> u64 {
+    42
+}
+fn d_sample_tokens() -> usize {
+    48
+}
+fn d_kind() -> String {
+    "lora".into()
+}
+fn d_r() -> usize {
+    8
+}
+
+impl TrainConfig {
+    /// Reads and checks a config file; relative paths are taken from the current directory.
+    pub fn from_file(path: &Path) -> Result<TrainConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let cfg: TrainConfig = toml::from_str(&text).map_err(|e| Error::format(path, e.to_string().trim_end().to_string()))?;
+        cfg.check(path)?;
+        Ok(cfg)
+    }
+
+    fn check(&self, path: &Path) -> Result<()> {
+        let err = |key: &str, msg: String| Err(Error::Config { path: path.into(), key: key.into(), msg });
+        if self.num_epochs.is_some() && self.max_steps.is_some() {
+            return err("max_steps", "set either num_epochs or max_steps, not both".into());
+        }
+        if self.datasets.is_empty() {
+            return err("datasets", "at least one [[datasets]] entry is needed".into());
+        }
+        match self.adapter.kind.as_str() {
+            "lora" | "dora" | "none" => {}
+            "qlora" => return err("adapter.kind", "\"qlora\" needs 4-bit NF4 base weights, which arrive with the QLoRA issue; use \"lora\" for now".into()),
+            other => return err("adapter.kind", format!("`{other}` is not one of \"lora\", \"dora\", \"qlora\", \"none\"")),
+        }
+        if let Some(d) = self.device.as_deref().filter(|d| *d != "cpu") {
+            return err("device", format!("`{d}`: this build has the CPU backend only (the CUDA backend arrives with its issue)"));
+        }
+        if self.bf16 {
+            return err("bf16", "the CPU backend computes in f32; bf16 compute arrives with the CUDA backend".into());
+        }
+        if !(0.0..1.0).contains(&self.val_set_size) {
+            return err("val_set_size", format!("{} is not a fraction in [0, 1)", self.val_set_size));
+        }
+        if self.eval_steps.is_some() && self.val_set_size == 0.0 {
+            return err("eval_steps", "evaluation needs held-out data: set val_set_size > 0".into());
+        }
+        if self.micro_batch_size == 0 || self.gradient_accumulation_steps == 0 || self.sequence_len < 2 {
+            return err("micro_batch_size", "micro_batch_size and gradient_accumulation_steps must be ≥ 1 and sequence_len ≥ 2".into());
+        }
+        if !(0.0..1.0).contains(&self.adapter.dropout) {
+            return err("adapter.dropout", format!("{} is not a probability in [0, 1)", self.adapter.dropout));
+        }
+        if let Some(s) = self.lr_scheduler.as_deref().filter(|s| !["cosine", "linear", "constant"].contains(s)) {
+            return err("lr_scheduler", format!("`{s}` is not one of cosine, linear, constant"));
+        }
+        if let Some(s) = self.too_long.as_deref().filter(|s| !["drop", "truncate"].contains(s)) {
+            return err("too_long", format!("`{s}` is not one of drop, truncate"));
+        }
+        Ok(())
+    }
+}

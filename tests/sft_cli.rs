@@ -1,0 +1,156 @@
+//! `temper train` and `temper data preview` end to end on the tiny fixture model with a
+//! character-level ChatML tokenizer: the output layout, metrics, resume, and bad input.
+
+mod common;
+
+use common::{fixture, scratch_dir, temper};
+use std::path::{Path, PathBuf};
+
+/// A chat dataset of `n` short conversations (the assistant echoes a number, a learnable task).
+fn write_data(dir: &Path, n: usize) -> PathBuf {
+    let p = dir.join("chat.jsonl");
+    let lines: Vec<String> = (0..n)
+        .map(|i| serde_json::json!({"messages": [{"role": "user", "content": format!("say {}", i % 7)}, {"role": "assistant", "content": format!("{} ok", i % 7)}]}).to_string())
+        .collect();
+    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    p
+}
+
+fn write_config(dir: &Path, data: &Path, extra: &str) -> PathBuf {
+    let cfg = format!(
+        r#"base_model = "{base}"
+tokenizer = "{tok}"
+sequence_len = 48
+micro_batch_size = 4
+gradient_accumulation_steps = 2
+max_steps = 6
+learning_rate = 5e-3
+warmup_steps = 1
+val_set_size = 0.1
+eval_steps = 3
+save_steps = 3
+output_dir = "{out}"
+seed = 3
+sample_prompts = ["say 3"]
+sample_max_new_tokens = 4
+{extra}
+[adapter]
+kind = "lora"
+r = 4
+alpha = 8
+target_modules = ["q_proj", "v_proj", "down_proj"]
+
+[[datasets]]
+path = "{data}"
+type = "chat"
+"#,
+        base = fixture("models/llama_gqa_llama3rope").display(),
+        tok = fixture("tokenizers/tiny_chat").display(),
+        out = dir.join("out").display(),
+        data = data.display(),
+    );
+    let p = dir.join("train.toml");
+    std::fs::write(&p, cfg).unwrap();
+    p
+}
+
+#[test]
+fn train_writes_checkpoints_metrics_events_plot_and_the_final_adapter() {
+    let dir = scratch_dir("cli-train");
+    let cfg = write_config(&dir, &write_data(&dir, 60), "");
+    let (ok, _, err) = temper(&["train", cfg.to_str().unwrap(), "--progress", "lines"]);
+    assert!(ok, "{err}");
+    let out = dir.join("out");
+    for f in ["adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png", "checkpoint-3/optimizer.safetensors", "checkpoint-6/trainer_state.json", "checkpoint-6/adapter_model.safetensors"] {
+        assert!(out.join(f).exists(), "{f} missing; stderr:\n{err}");
+    }
+    assert!(std::fs::read_dir(&out).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("events.out.tfevents.")));
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let train: Vec<&serde_json::Value> = rows.iter().filter(|r| r.get("loss").is_some()).collect();
+    assert_eq!(train.len(), 6, "{rows:?}");
+    assert!(train.iter().all(|r| r["lr"].as_f64().is_some() && r["tokens_per_s"].as_f64().unwrap() > 0.0));
+    assert_eq!(rows.iter().filter(|r| r.get("eval_loss").is_some()).count(), 2);
+    assert!(err.contains("step 6/6"), "progress lines: {err}");
+    // The saved adapter is a PEFT folder temper reads back.
+    let (ok, _, e) = temper(&["generate", "--model", fixture("models/llama_gqa_llama3rope").to_str().unwrap(), "--adapter", out.to_str().unwrap(), "--prompt-ids", "1,5,6", "--max-new-tokens", "3", "--greedy"]);
+    assert!(ok, "{e}");
+    // Resuming a finished run does nothing more and reproduces its last loss row.
+    let (ok, _, err2) = temper(&["train", cfg.to_str().unwrap(), "--resume", "--progress", "off"]);
+    assert!(ok, "{err2}");
+}
+
+#[test]
+fn data_preview_shows_masks() {
+    let dir = scratch_dir("cli-preview");
+    let cfg = write_config(&dir, &write_data(&dir, 5), "");
+    let (ok, out, err) = temper(&["data", "preview", cfg.to_str().unwrap(), "--n", "2", "--json"]);
+    assert!(ok, "{err}");
+    let rows: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 2);
+    let (ids, labels) = (rows[0]["input_ids"].as_array().unwrap(), rows[0]["labels"].as_array().unwrap());
+    assert_eq!(ids.len(), labels.len());
+    // The user turn is masked, the assistant reply and its <|im_end|> (id 2) are trained.
+    assert_eq!(labels[0], -100);
+    let trained: Vec<i64> = labels.iter().filter_map(|v| v.as_i64()).filter(|&v| v != -100).collect();
+    assert_eq!(*trained.last().unwrap(), 2, "{rows:?}");
+    assert!(rows[0]["text"].as_str().unwrap().contains("say 0"));
+}
+
+#[test]
+fn bad_configs_name_the_key() {
+    let dir = scratch_dir("cli-bad-config");
+    let data = write_data(&dir, 10);
+    let run = |extra: &str| {
+        let cfg = write_config(&dir, &data, extra);
+        let (ok, _, err) = temper(&["train", cfg.to_str().unwrap(), "--progress", "off"]);
+        assert!(!ok);
+        err
+    };
+    let e = run("learning_rat = 1.0");
+    assert!(e.contains("learning_rat") && e.contains("train.toml"), "{e}");
+    let e = run("num_epochs = 2");
+    assert!(e.contains("max_steps") && e.contains("num_epochs"), "{e}");
+    let e = run("device = \"cuda\"");
+    assert!(e.contains("`device`") && e.contains("CPU backend"), "{e}");
+    let e = run("bf16 = true");
+    assert!(e.contains("`bf16`"), "{e}");
+    let e = run("lr_scheduler = \"exp\"");
+    assert!(e.contains("lr_scheduler") && e.contains("exp"), "{e}");
+    let cfg = std::fs::read_to_string(write_config(&dir, &data, "")).unwrap().replace("kind = \"lora\"", "kind = \"qlora\"");
+    std::fs::write(dir.join("q.toml"), cfg).unwrap();
+    let (ok, _, e) = temper(&["train", dir.join("q.toml").to_str().unwrap()]);
+    assert!(!ok && e.contains("adapter.kind") && e.contains("QLoRA"), "{e}");
+}
+
+#[test]
+fn bad_data_and_environment_are_reported_with_the_place() {
+    let dir = scratch_dir("cli-bad-data");
+    let data = write_data(&dir, 10);
+    let mut text = std::fs::read_to_string(&data).unwrap();
+    text.push_str("{\"messages\": [oops\n");
+    std::fs::write(&data, text).unwrap();
+    let cfg = write_config(&dir, &data, "");
+    let (ok, _, e) = temper(&["train", cfg.to_str().unwrap(), "--progress", "off"]);
+    assert!(!ok && e.contains("chat.jsonl:11"), "{e}");
+    // A tokenizer whose vocabulary does not fit the model.
+    let big = dir.join("bigtok");
+    std::fs::create_dir_all(&big).unwrap();
+    let mut t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("tokenizers/tiny_chat/tokenizer.json")).unwrap()).unwrap();
+    for i in 0..200 {
+        t["model"]["vocab"][format!("extra{i}")] = serde_json::json!(100 + i);
+    }
+    std::fs::write(big.join("tokenizer.json"), t.to_string()).unwrap();
+    std::fs::copy(fixture("tokenizers/tiny_chat/tokenizer_config.json"), big.join("tokenizer_config.json")).unwrap();
+    let good = write_data(&dir, 10);
+    let cfg = std::fs::read_to_string(write_config(&dir, &good, "")).unwrap().replace(&fixture("tokenizers/tiny_chat").display().to_string(), &big.display().to_string());
+    std::fs::write(dir.join("big.toml"), cfg).unwrap();
+    let (ok, _, e) = temper(&["train", dir.join("big.toml").to_str().unwrap(), "--progress", "off"]);
+    assert!(!ok && e.contains("vocabulary"), "{e}");
+    // An output folder that cannot be created.
+    let blocker = dir.join("file");
+    std::fs::write(&blocker, "x").unwrap();
+    let cfg = std::fs::read_to_string(write_config(&dir, &good, "")).unwrap().replace(&dir.join("out").display().to_string(), &blocker.join("out").display().to_string());
+    std::fs::write(dir.join("blocked.toml"), cfg).unwrap();
+    let (ok, _, e) = temper(&["train", dir.join("blocked.toml").to_str().unwrap(), "--progress", "off"]);
+    assert!(!ok && e.contains(&blocker.display().to_string()), "{e}");
+}
