@@ -235,10 +235,13 @@ fn olora_initialisation_and_reload_match_peft() {
 fn cli_merge_writes_a_model_with_peft_merged_outputs() {
     for name in ["llama_lora", "llama_dora"] {
         let out = scratch_dir(&format!("cli-merge-{name}"));
-        let (ok, _, err) = temper(&[
-            "merge", "--model", fixture("models/llama_gqa_llama3rope").to_str().unwrap(),
-            "--adapter", fixture(&format!("adapters/{name}")).to_str().unwrap(), "--out", out.to_str().unwrap(),
-        ]);
+        // The positional form for LoRA, the flag form for DoRA.
+        let (base, adapter) = (fixture("models/llama_gqa_llama3rope"), fixture(&format!("adapters/{name}")));
+        let (ok, _, err) = if name == "llama_lora" {
+            temper(&["merge", base.to_str().unwrap(), adapter.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        } else {
+            temper(&["merge", "--model", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        };
         assert!(ok, "{err}");
         let r = reference(name);
         let merged = Llama::load(&out, DType::F32).unwrap();

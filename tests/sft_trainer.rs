@@ -134,3 +134,21 @@ impl WithTotal for SftOptions {
         SftOptions { total_steps: n, ..self }
     }
 }
+
+#[test]
+fn a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_earlier_one() {
+    let dir = scratch_dir("sft-ckpt-fail");
+    // Something in the way of checkpoint-6's temporary folder, as a full disk or a permission
+    // problem would be: the write fails there.
+    std::fs::write(dir.join("checkpoint-6.tmp"), "in the way").unwrap();
+    let mut t = Trainer::new(model(), ce(), AdamW::lr(5e-3));
+    let e = sft::run(&mut t, &epochs, &[], None, &opts(&dir, 8, false), &mut MemoryLogger::default()).unwrap_err().to_string();
+    assert!(e.contains("checkpoint-6.tmp"), "{e}");
+    let kept = temper::train::checkpoint::list(&dir).unwrap();
+    assert_eq!(kept.iter().map(|(n, _)| *n).collect::<Vec<_>>(), [3]);
+    // The surviving checkpoint resumes.
+    std::fs::remove_file(dir.join("checkpoint-6.tmp")).unwrap();
+    let mut t2 = Trainer::new(model(), ce(), AdamW::lr(5e-3));
+    let s = sft::run(&mut t2, &epochs, &[], None, &opts(&dir, 8, true), &mut MemoryLogger::default()).unwrap();
+    assert_eq!((s.resumed_from, s.steps), (Some(3), 8));
+}
