@@ -154,3 +154,37 @@ fn bad_data_and_environment_are_reported_with_the_place() {
     let (ok, _, e) = temper(&["train", dir.join("blocked.toml").to_str().unwrap(), "--progress", "off"]);
     assert!(!ok && e.contains(&blocker.display().to_string()), "{e}");
 }
+
+#[test]
+fn full_fine_tuning_writes_a_hugging_face_model_and_builtin_templates_render() {
+    let dir = scratch_dir("cli-full");
+    let cfg = write_config(&dir, &write_data(&dir, 20), "chat_template = \"chatml\"");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("kind = \"lora\"", "kind = \"none\"").replace("max_steps = 6", "max_steps = 2").replace("eval_steps = 3", "eval_steps = 2").replace("save_steps = 3", "save_steps = 2");
+    std::fs::write(&cfg, text).unwrap();
+    let (ok, _, err) = temper(&["train", cfg.to_str().unwrap(), "--progress", "off"]);
+    assert!(ok, "{err}");
+    let out = dir.join("out");
+    assert!(out.join("config.json").exists() && out.join("model.safetensors").exists() && out.join("checkpoint-2/model.safetensors").exists());
+    // The fine-tuned model loads as a plain Hugging Face folder and differs from the base.
+    let tuned = temper::models::Llama::load(&out, temper::DType::F32).unwrap();
+    let base = temper::models::Llama::load(&fixture("models/llama_gqa_llama3rope"), temper::DType::F32).unwrap();
+    let ids = temper::Tensor::from_vec(vec![1i64, 5, 9], &[1, 3], temper::Device::Cpu).unwrap();
+    let f = |m: &temper::models::Llama| m.forward(&temper::models::ForwardInput::ids(ids.clone())).unwrap().to_vec::<f32>().unwrap();
+    assert_ne!(f(&tuned), f(&base));
+    // The built-in ChatML template renders as the ChatML the tiny tokenizer ships.
+    let msgs = [temper::chat_template::ChatMessage::new("user", "Hi"), temper::chat_template::ChatMessage::new("assistant", "Yo")];
+    let builtin = temper::chat_template::builtin_template("chatml").unwrap();
+    let shipped = temper::tokenizer::Tokenizer::from_hf_dir(&fixture("tokenizers/tiny_chat")).unwrap().chat_template.unwrap();
+    for gen in [false, true] {
+        assert_eq!(
+            temper::chat_template::render_chat(builtin, &msgs, gen, None, None).unwrap(),
+            temper::chat_template::render_chat(&shipped, &msgs, gen, None, None).unwrap()
+        );
+    }
+    assert_eq!(
+        temper::chat_template::render_chat(temper::chat_template::builtin_template("llama3").unwrap(), &msgs[..1], true, Some("<|begin_of_text|>"), None).unwrap(),
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    );
+    let e = temper::chat_template::render_chat(temper::chat_template::builtin_template("mistral").unwrap(), &[temper::chat_template::ChatMessage::new("tool", "x")], false, Some("<s>"), Some("</s>")).unwrap_err();
+    assert!(e.to_string().contains("unknown role tool"), "{e}");
+}
