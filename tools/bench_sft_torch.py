@@ -37,7 +37,9 @@ import sys
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_torch import build_llama  # noqa: E402  (one model builder for both baselines)
 
 try:
     import peft
@@ -64,18 +66,7 @@ WARMUP_STEPS = 2
 
 
 def build_model(shape):
-    kw = dict(SHAPES[shape]["config"])
-    theta = kw.pop("rope_theta")
-    cfg = LlamaConfig(rms_norm_eps=1e-5, hidden_act="silu", bos_token_id=1, eos_token_id=2, pad_token_id=0, **kw)
-    # transformers 5 keeps rope_theta in rope_parameters, transformers 4 at the top level.
-    if isinstance(getattr(cfg, "rope_parameters", None), dict):
-        cfg.rope_parameters["rope_theta"] = theta
-    else:
-        cfg.rope_theta = theta
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    assert model.config.tie_word_embeddings == kw["tie_word_embeddings"]
-    return model.float()
+    return build_llama(SHAPES[shape]["config"], "eager")
 
 
 def wrap_lora(model, rank):

@@ -51,7 +51,13 @@ PROMPT_TOKENS = 16
 
 
 def build_model(shape):
-    kw = dict(SHAPES[shape]["config"])
+    return build_llama(SHAPES[shape]["config"], "sdpa")
+
+
+def build_llama(config, attn_implementation):
+    """A seeded random-init float32 LlamaForCausalLM from a shape's config dict (shared with
+    bench_sft_torch.py)."""
+    kw = dict(config)
     theta = kw.pop("rope_theta")
     cfg = LlamaConfig(rms_norm_eps=1e-5, hidden_act="silu", bos_token_id=1, eos_token_id=2, pad_token_id=0, **kw)
     # transformers 5 keeps rope_theta in rope_parameters, transformers 4 at the top level.
@@ -60,7 +66,7 @@ def build_model(shape):
     else:
         cfg.rope_theta = theta
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
     assert model.config.tie_word_embeddings == kw["tie_word_embeddings"]
     return model.float()
 
