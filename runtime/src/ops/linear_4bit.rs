@@ -9,6 +9,7 @@ use crate::backend::BackendStorage;
 use crate::error::{ensure_shape, Error, Result};
 use crate::tensor::{DType, Tensor};
 use crate::Device;
+use rayon::prelude::*;
 use std::sync::Arc;
 
 /// Output rows dequantised per tile (a `TILE × in_features` f32 buffer).
@@ -43,6 +44,7 @@ impl Packed4 {
     pub fn dequantize_rows(&self, r0: usize, r1: usize) -> Vec<f32> {
         let cols = self.shape[1];
         (r0 * cols..r1 * cols)
+            .into_par_iter()
             .map(|i| {
                 let byte = self.packed[i / 2];
                 let q = if i % 2 == 0 { byte >> 4 } else { byte & 0x0F };
