@@ -36,3 +36,4 @@ pub mod __private {
 pub use module::{Module, ModuleExt};
 pub use temper_macros::{adapter, Module};
 pub mod data;
+pub mod quant;

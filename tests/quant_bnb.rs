@@ -1,0 +1,156 @@
+//! temper's bitsandbytes 4-bit quantisation against bitsandbytes itself: fixtures in
+//! `tests/fixtures/quant/` (`cases.safetensors` + `cases.json`) and a tiny pre-quantised model in
+//! `tests/fixtures/models/llama_bnb4bit/`. Packed codes, absmax and dequantised values must be
+//! bit-identical; double-quantised absmax codes may differ only on exact ties.
+
+mod common;
+
+use common::fixture;
+use temper::formats::safetensors::SafetensorsFiles;
+use temper::quant::blockwise::double_quantize_with;
+use temper::quant::codes::{dynamic_map_signed_8bit, FP4, NF4};
+use temper::quant::{dequantize_4bit, double_dequantize, quantize_4bit, Nf4Weight, QuantType};
+
+/// The fixture files if all exist, else None after saying which is missing.
+fn present(paths: &[std::path::PathBuf]) -> bool {
+    for p in paths {
+        if !p.exists() {
+            eprintln!("SKIPPED: {} is absent (bitsandbytes fixtures not generated yet)", p.display());
+            return false;
+        }
+    }
+    true
+}
+
+struct Case {
+    name: String,
+    quant_type: QuantType,
+    blocksize: usize,
+}
+
+/// Reads cases.json: a list of objects, an object with a `cases` list, or an object keyed by case name.
+fn cases(json: &serde_json::Value) -> Vec<Case> {
+    let one = |name: Option<&str>, v: &serde_json::Value| -> Case {
+        let name = name.map(str::to_string).or_else(|| v.get("name").and_then(|n| n.as_str()).map(str::to_string)).expect("case without a name");
+        let qt = v.get("quant_type").and_then(|q| q.as_str()).unwrap_or("nf4");
+        let blocksize = v.get("blocksize").and_then(|b| b.as_u64()).unwrap_or(64) as usize;
+        Case { name, quant_type: QuantType::parse(qt).unwrap(), blocksize }
+    };
+    let list = json.get("cases").unwrap_or(json);
+    match list {
+        serde_json::Value::Array(a) => a.iter().map(|v| one(None, v)).collect(),
+        serde_json::Value::Object(m) => m.iter().map(|(k, v)| one(Some(k), v)).collect(),
+        _ => panic!("cases.json: expected a list or an object of cases"),
+    }
+}
+
+fn f32s(f: &SafetensorsFiles, k: &str) -> Vec<f32> {
+    f.load(k).unwrap_or_else(|e| panic!("{e}")).to_dtype(temper::DType::F32).unwrap().to_vec::<f32>().unwrap()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn code_tables_equal_bitsandbytes() {
+    let (st, js) = (fixture("quant/cases.safetensors"), fixture("quant/cases.json"));
+    if !present(&[st.clone(), js]) {
+        return;
+    }
+    let f = SafetensorsFiles::open_files(&[st]).unwrap();
+    assert_eq!(bits(&f32s(&f, "quant_map.nf4")), bits(&NF4), "nf4 table");
+    assert_eq!(bits(&f32s(&f, "quant_map.fp4")), bits(&FP4), "fp4 table");
+}
+
+#[test]
+fn every_case_matches_bitsandbytes_bit_for_bit() {
+    let (st, js) = (fixture("quant/cases.safetensors"), fixture("quant/cases.json"));
+    if !present(&[st.clone(), js.clone()]) {
+        return;
+    }
+    let f = SafetensorsFiles::open_files(&[st]).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&js).unwrap()).unwrap();
+    let mut ties_total = 0;
+    for c in cases(&json) {
+        let n = &c.name;
+        let x = f32s(&f, &format!("{n}.input"));
+        let want_packed = f.load(&format!("{n}.packed")).unwrap().to_vec::<u8>().unwrap();
+        let (packed, absmax) = quantize_4bit(&x, c.blocksize, c.quant_type).unwrap();
+        let diff = packed.iter().zip(&want_packed).filter(|(a, b)| a != b).count();
+        assert_eq!(packed.len(), want_packed.len(), "{n}: packed length");
+        assert_eq!(diff, 0, "{n}: {diff} of {} packed bytes differ (first at {:?})", packed.len(), packed.iter().zip(&want_packed).position(|(a, b)| a != b));
+
+        let dq_key = format!("{n}.dequant");
+        let nested_key = format!("{n}.nested_absmax");
+        if f.contains(&nested_key) {
+            let want_codes = f.load(&format!("{n}.absmax")).unwrap().to_vec::<u8>().unwrap();
+            let nested = f32s(&f, &nested_key);
+            let map = f32s(&f, &format!("{n}.nested_quant_map"));
+            let offset = f32s(&f, &format!("{n}.offset"))[0];
+            assert_eq!(bits(&map), bits(&dynamic_map_signed_8bit()), "{n}: our dynamic map differs from the file's");
+            let mean = temper::quant::blockwise::mean_f32(&absmax);
+            if mean.to_bits() != offset.to_bits() {
+                eprintln!("{n}: offset {offset:e} (bitsandbytes) vs {mean:e} (ours, correctly rounded mean)");
+            }
+            let (codes, our_nested) = double_quantize_with(&absmax, offset, &map).unwrap();
+            assert_eq!(bits(&our_nested), bits(&nested), "{n}: nested absmax");
+            // A code may differ only where its value is exactly halfway between two map entries.
+            let centred: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
+            let mut ties = 0;
+            for (i, (a, b)) in codes.iter().zip(&want_codes).enumerate() {
+                if a != b {
+                    let s = centred[i] * (1.0 / nested[i / 256]);
+                    let (lo, hi) = (map[*a.min(b) as usize], map[*a.max(b) as usize]);
+                    assert!((s - lo).abs() == (hi - s).abs() || (lo + hi) / 2.0 == s, "{n}: absmax code {i}: ours {a}, bnb {b}, not a tie (scaled {s})");
+                    ties += 1;
+                }
+            }
+            ties_total += ties;
+            eprintln!("{n}: {} absmax codes, {ties} differ on exact ties", codes.len());
+            let back = double_dequantize(&want_codes, &nested, &map, offset, 256).unwrap();
+            let dq = dequantize_4bit(&want_packed, &back, x.len(), c.blocksize, c.quant_type).unwrap();
+            assert_eq!(bits(&dq), bits(&f32s(&f, &dq_key)), "{n}: dequantised (nested)");
+        } else {
+            let want_absmax = f32s(&f, &format!("{n}.absmax"));
+            assert_eq!(bits(&absmax), bits(&want_absmax), "{n}: absmax");
+            let dq = dequantize_4bit(&packed, &absmax, x.len(), c.blocksize, c.quant_type).unwrap();
+            assert_eq!(bits(&dq), bits(&f32s(&f, &dq_key)), "{n}: dequantised");
+        }
+        eprintln!("{n}: {} values, {:?} blocksize {}: bit-identical", x.len(), c.quant_type, c.blocksize);
+    }
+    eprintln!("nested absmax codes differing on exact ties: {ties_total}");
+}
+
+#[test]
+fn prequantised_model_layers_load_and_round_trip() {
+    let dir = fixture("models/llama_bnb4bit");
+    let st = dir.join("model.safetensors");
+    if !present(&[st]) {
+        return;
+    }
+    let f = SafetensorsFiles::open_dir(&dir).unwrap();
+    let prefixes: Vec<String> = f
+        .names()
+        .filter_map(|k| k.split_once(".weight.quant_state.bitsandbytes__").map(|(p, _)| p.to_string()))
+        .collect();
+    assert!(!prefixes.is_empty(), "no bnb 4-bit layers in {}", dir.display());
+    for p in &prefixes {
+        let w = Nf4Weight::from_safetensors(&f, p).unwrap_or_else(|e| panic!("{e}"));
+        let dq = w.dequantize().unwrap();
+        assert_eq!(dq.len(), w.state.numel(), "{p}");
+        // Writing the state back gives the same tensors.
+        for (k, t) in w.to_safetensors_entries(p).unwrap() {
+            if k.contains(".quant_state.") {
+                let ours: serde_json::Value = serde_json::from_slice(&t.to_vec::<u8>().unwrap()).unwrap();
+                let theirs: serde_json::Value = serde_json::from_slice(&f.load(&k).unwrap().to_vec::<u8>().unwrap()).unwrap();
+                assert_eq!(ours, theirs, "{k}");
+            } else if t.dtype() == temper::DType::U8 && f.info(&k).unwrap().1 == temper::DType::U8 {
+                assert_eq!(t.to_vec::<u8>().unwrap(), f.load(&k).unwrap().to_vec::<u8>().unwrap(), "{k}");
+            } else if t.dtype() == temper::DType::F32 {
+                assert_eq!(bits(&t.to_vec::<f32>().unwrap()), bits(&f32s(&f, &k)), "{k}");
+            }
+        }
+    }
+    eprintln!("{} bnb 4-bit layers loaded", prefixes.len());
+}
