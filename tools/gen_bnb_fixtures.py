@@ -71,6 +71,33 @@ def install_reference_cpu_dequant():
     torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", reference_dequant_4bit)
 
 
+def reference_quantize_blockwise(A, code, blocksize):
+    """bitsandbytes' default-backend quantize_blockwise (backends/default/ops.py), the 8-bit
+    quantiser double quantisation uses: nearest code by `bucketize` on the f32 midpoints (ties go
+    low), x * (1/absmax) in full blocks, x / absmax in a partial last block. This is the CUDA
+    semantics (nearest code); bitsandbytes 0.50.2's native CPU kernel instead looks the scaled value
+    up in a 65536-entry table over [-1, 1], which picks a neighbouring code when the value lies
+    within half a table step of a midpoint."""
+    A_flat = A.reshape(-1).float()
+    n = A_flat.numel()
+    rem = n % blocksize
+    full = n - rem
+    A_com = A_flat[:full].reshape(full // blocksize, blocksize)
+    absmax = A_com.abs().max(dim=-1)[0]
+    scaled = torch.clamp(A_com * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if rem:
+        am = A_flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, am.unsqueeze(0)])
+        scaled = torch.cat([scaled, torch.clamp(A_flat[full:] / am, -1, 1)])
+    bounds = (code[:-1] + code[1:]) / 2
+    q = torch.bucketize(scaled, bounds, out_int32=True).to(torch.uint8)
+    return q.reshape(A.shape), absmax
+
+
+def install_reference_cpu_quantize_blockwise():
+    torch.library.register_kernel("bitsandbytes::quantize_blockwise", "cpu", reference_quantize_blockwise)
+
+
 
 
 def nf4_midpoints():
@@ -151,8 +178,16 @@ def gen_cases():
         quantised.append((packed, st))
         native.append(BF.dequantize_4bit(packed, st).reshape(-1).clone())  # bnb native CPU kernel
     install_reference_cpu_dequant()
+    install_reference_cpu_quantize_blockwise()
     for (name, qt, bs, x, dq), (packed, st), nat in zip(cases, quantised, native):
         x = x.contiguous()
+        native_nested_codes = st.absmax.clone() if dq else None
+        if dq:
+            # Re-quantise with the reference 8-bit quantiser (the 4-bit part is unchanged).
+            packed2, st = BF.quantize_4bit(
+                x, blocksize=bs, quant_type=qt, compress_statistics=dq, quant_storage=torch.uint8
+            )
+            assert torch.equal(packed2, packed), name
         deq = BF.dequantize_4bit(packed, st)
         assert packed.dtype == torch.uint8 and tuple(packed.shape) == ((x.numel() + 1) // 2, 1)
         # bnb's CPU dequant kernel returns [1, n] for a 1-D input; keep the input's shape
@@ -185,6 +220,7 @@ def gen_cases():
             entry["nested_blocksize"] = st.state2.blocksize
             entry["nested_nblocks"] = st.state2.absmax.numel()
             entry["offset"] = float(st.offset)
+            entry["native_cpu_nested_code_mismatches"] = int((native_nested_codes != st.absmax).sum())
         else:
             assert st.absmax.dtype == torch.float32 and st.absmax.numel() == nblocks
             tensors[f"{name}.absmax"] = st.absmax.contiguous()
@@ -255,9 +291,14 @@ def gen_model():
     )
     model.eval()
     disable_cpu_repack(model)
+    readme = os.path.join(BNB_MODEL, "README.md")
+    kept = open(readme).read() if os.path.exists(readme) else None
     if os.path.isdir(BNB_MODEL):
         shutil.rmtree(BNB_MODEL)
     model.save_pretrained(BNB_MODEL)
+    if kept is not None:  # the hand-written description of this fixture
+        with open(readme, "w") as f:
+            f.write(kept)
 
     with safe_open(os.path.join(BASE_MODEL, "reference.safetensors"), "pt") as f:
         input_ids = f.get_tensor("input_ids")

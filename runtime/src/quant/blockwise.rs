@@ -2,8 +2,9 @@
 //!
 //! 4-bit: the tensor is flattened row-major and cut into consecutive blocks of `blocksize` values
 //! (blocks ignore row boundaries; the last may be partial). Per block `absmax = max|x|` (f32) and
-//! `q = code(x · (1/absmax))` — multiplying by the f32 reciprocal, as the CUDA kernel does, so values
-//! on a threshold land where bitsandbytes puts them. Codes are packed two per byte, element 2j in
+//! `q = code(x · (1/absmax))` — multiplying by the f32 reciprocal, as bitsandbytes does, so values
+//! on a threshold land where bitsandbytes puts them (its reference backend divides, `x / absmax`, in
+//! a partial last block; so do we). Codes are packed two per byte, element 2j in
 //! the high nibble; an odd count is padded with 0.0. Dequantising is `table[q] · absmax` in f32.
 //!
 //! 8-bit (double quantisation of the 4-bit scales): `offset = mean(absmax)`, then `absmax − offset`
@@ -28,11 +29,16 @@ pub fn check_blocksize(blocksize: usize) -> Result<()> {
     }
 }
 
-/// `1/absmax` as the reference backend computes it: `absmax.clamp(min=1e-38)`, so an all-zero block
-/// scales to 0 (NF4 code 7, FP4 code 0) instead of the CUDA kernel's 0·∞ = NaN.
+/// `x[i]` scaled into [-1, 1] by its block's absmax, as bitsandbytes' reference backend does it:
+/// multiply by the f32 reciprocal `1/absmax.clamp(min=1e-38)` in full blocks, divide in a partial last
+/// block, clamp. The clamp at 1e-38 makes an all-zero block scale to 0 (NF4 code 7, FP4 code 0)
+/// instead of the CUDA kernel's 0·∞ = NaN.
 #[inline]
-fn reciprocal(absmax: f32) -> f32 {
-    1.0f32 / absmax.max(1e-38f32)
+fn scaled(x: &[f32], i: usize, absmax: &[f32], blocksize: usize) -> f32 {
+    let am = absmax[i / blocksize].max(1e-38f32);
+    let full = x.len() - x.len() % blocksize;
+    let s = if i < full { x[i] * (1.0f32 / am) } else { x[i] / am };
+    s.clamp(-1.0, 1.0)
 }
 
 fn block_absmax(block: &[f32]) -> f32 {
@@ -54,15 +60,9 @@ pub fn quantize_4bit(x: &[f32], blocksize: usize, quant_type: QuantType) -> Resu
     check_blocksize(blocksize)?;
     let n = x.len();
     let absmax: Vec<f32> = x.chunks(blocksize).map(block_absmax).collect();
-    // Codes of the padded tail element: 0.0 scaled by anything is 0.0.
+    // The odd-count pad is 0.0.
     let mut packed = vec![0u8; n.div_ceil(2)];
-    let code_at = |i: usize| -> u8 {
-        if i >= n {
-            return quant_type.quantize(0.0);
-        }
-        let b = i / blocksize;
-        quant_type.quantize(x[i] * reciprocal(absmax[b]))
-    };
+    let code_at = |i: usize| -> u8 { quant_type.quantize(if i < n { scaled(x, i, &absmax, blocksize) } else { 0.0 }) };
     for (j, byte) in packed.iter_mut().enumerate() {
         *byte = (code_at(2 * j) << 4) | code_at(2 * j + 1);
     }
@@ -101,7 +101,7 @@ pub fn quantize_blockwise_8bit(x: &[f32], code: &[f32], blocksize: usize) -> Res
     }
     let mid = midpoints(code, "8-bit quantisation map")?;
     let absmax: Vec<f32> = x.chunks(blocksize).map(block_absmax).collect();
-    let codes = x.iter().enumerate().map(|(i, &v)| nearest(&mid, (v * reciprocal(absmax[i / blocksize])).clamp(-1.0, 1.0))).collect();
+    let codes = (0..x.len()).map(|i| nearest(&mid, scaled(x, i, &absmax, blocksize))).collect();
     Ok((codes, absmax))
 }
 

@@ -71,46 +71,40 @@ pub const NF4: [f32; 16] = [
     1.0,
 ];
 
-/// The 15 decision thresholds between neighbouring NF4 values, ascending: the f32 literals of
-/// bitsandbytes' CUDA decision tree (`dQuantizeNF4`). They are the midpoints of the f64 normal-quantile
-/// table before it was rounded to f32, so they equal the f32 midpoints `(NF4[i] + NF4[i+1]) / 2` of
-/// the table above except thresholds 0, 8, 12 and 14, which are one ulp away (a unit test pins both
-/// facts). We compare against the kernel's, so an f32 input lying exactly between gets the kernel's code.
-pub const NF4_MIDPOINTS: [f32; 15] = [
-    -0.8480964004993439,
-    -0.6106329262256622,
-    -0.4599952697753906,
-    -0.33967943489551544,
-    -0.23460740596055984,
-    -0.13791173323988914,
-    -0.045525018125772476,
-    0.03979014977812767,
-    0.1202552504837513,
-    0.2035212516784668,
-    0.2920137718319893,
-    0.3893125355243683,
-    0.5016634166240692,
-    0.6427869200706482,
-    0.8614784181118011,
-];
+/// The 15 decision thresholds between neighbouring NF4 values, ascending: the f32 midpoints
+/// `(NF4[i] + NF4[i+1]) / 2`, which bitsandbytes' reference (CPU) backend bucketizes on. Its CUDA
+/// decision tree (`dQuantizeNF4`) uses f64-derived literals that differ from these by one ulp at
+/// thresholds 0, 8, 12 and 14, so only an input lying exactly on one of those four can get a
+/// different code there (a unit test pins which).
+pub const NF4_MIDPOINTS: [f32; 15] = sorted_midpoints(&NF4);
+
+const fn sorted_midpoints(sorted: &[f32; 16]) -> [f32; 15] {
+    let mut m = [0.0f32; 15];
+    let mut i = 0;
+    while i < 15 {
+        m[i] = (sorted[i] + sorted[i + 1]) / 2.0;
+        i += 1;
+    }
+    m
+}
 
 /// NF4 code of `x`: the number of midpoints `x` is strictly above. So `x` exactly on a midpoint goes
-/// to the lower code, and NaN (above nothing) gets code 0, as bitsandbytes' CUDA decision tree does.
+/// to the lower code, and NaN (above nothing) gets code 0.
 #[inline]
 pub fn quantize_nf4(x: f32) -> u8 {
     NF4_MIDPOINTS.partition_point(|&m| x > m) as u8
 }
 
 /// FP4 values: bit 3 is the sign, bits 0..2 index the magnitudes `[0, 0.0625, 8, 12, 4, 6, 2, 3] / 12`
-/// (subnormal 0 and 0.0625, then exponents with a bias of 3, normalised so the largest is 1). Not sorted;
-/// has a signed zero (code 8 is −0).
+/// (subnormal 0 and 0.0625, then exponents with a bias of 3, normalised so the largest is 1). Not
+/// sorted. Code 8 ("−0") holds +0.0 in bitsandbytes' table, so both zero codes dequantise to +0.
 pub const FP4: [f32; 16] = fp4_table();
 
 const FP4_MAGNITUDES_X12: [f32; 8] = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0];
 
 const fn fp4_table() -> [f32; 16] {
     let mut t = [0.0f32; 16];
-    let mut i = 0;
+    let mut i = 1;
     while i < 8 {
         t[i] = FP4_MAGNITUDES_X12[i] / 12.0;
         t[i + 8] = -(FP4_MAGNITUDES_X12[i] / 12.0);
@@ -119,23 +113,31 @@ const fn fp4_table() -> [f32; 16] {
     t
 }
 
-/// FP4 magnitude codes in increasing order of magnitude: 0, 0.0625, 2, 3, 4, 6, 8, 12 (× 1/12).
-const FP4_CODES_BY_MAGNITUDE: [u8; 8] = [0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011];
+/// FP4 codes in ascending order of value, as bitsandbytes' reference backend sorts its table
+/// (`argsort`): the two zeros are ordered code 0, then code 8.
+const FP4_ORDER: [u8; 16] = [11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3];
 
-/// The thresholds between neighbouring magnitudes above, as the f32 literals bitsandbytes' kernel
-/// compares against (its decision tree uses these rounded decimals, not exact midpoints, so we keep
-/// them as written: 1/384, 1.03125/12, 2.5/12, 3.5/12, 5/12, 7/12, 10/12).
-const FP4_THRESHOLDS: [f32; 7] = [0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333];
+const fn fp4_sorted() -> [f32; 16] {
+    let mut s = [0.0f32; 16];
+    let mut i = 0;
+    while i < 16 {
+        s[i] = FP4[FP4_ORDER[i] as usize];
+        i += 1;
+    }
+    s
+}
 
-/// FP4 code of `x`. Our reading of bitsandbytes' tree (`dQuantizeFP4`): the sign bit is set iff
-/// `x < 0` (so −0.0 and NaN are positive), then the magnitude `|x|` goes to the largest magnitude
-/// whose lower threshold it is strictly above. A tree of strict `>` tests over sorted thresholds
-/// is this count, so a magnitude exactly on a threshold goes to the smaller magnitude, and NaN to 0.
+/// Midpoints of the sorted FP4 values (the one between the two zeros is 0).
+const FP4_MIDPOINTS: [f32; 15] = sorted_midpoints(&fp4_sorted());
+
+/// FP4 code of `x`: bucketise on the midpoints of the sorted table (ties go low), then map the
+/// sorted position back to its code. This is bitsandbytes' reference backend exactly, including its
+/// zero handling: `x ≤ 0` just above −1/384 gets code 0 and `0 < x ≤ 1/384` gets code 8 (both are 0).
+/// Its CUDA tree (`dQuantizeFP4`) instead sets the sign bit for any `x < 0` and compares against
+/// rounded decimal thresholds, so near-zero and on-threshold inputs can differ there.
 #[inline]
 pub fn quantize_fp4(x: f32) -> u8 {
-    let sign = if x < 0.0 { 0b1000 } else { 0 };
-    let a = x.abs();
-    FP4_CODES_BY_MAGNITUDE[FP4_THRESHOLDS.partition_point(|&t| a > t)] | sign
+    FP4_ORDER[FP4_MIDPOINTS.partition_point(|&m| x > m)]
 }
 
 /// The 8-bit signed dynamic map double quantisation uses for block scales, computed as bitsandbytes'
@@ -149,7 +151,7 @@ pub fn dynamic_map_signed_8bit() -> Vec<f32> {
     for e in 0..7i32 {
         let n = (1usize << e) + 1;
         let b = linspace_f32(0.1, 1.0, n);
-        let scale = 10f64.powi(e - 6) as f32;
+        let scale = [1e-6f64, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0][e as usize] as f32;
         for k in 0..n - 1 {
             let mean = (b[k] + b[k + 1]) / 2.0;
             data.push(scale * mean);
@@ -162,15 +164,16 @@ pub fn dynamic_map_signed_8bit() -> Vec<f32> {
     data
 }
 
-/// `torch.linspace(start, end, n, dtype=float32)` on the CPU: a f32 step; the first half counts up
-/// from `start`, the second half down from `end`, so both ends are exact.
+/// `torch.linspace(start, end, n, dtype=float32)` on the CPU: a f32 step; the first half is
+/// `start + step·i`, the second half `end − step·(n−1−i)`, each as one fused multiply-add (torch's
+/// vectorised kernel uses FMA; plain multiply-then-add differs in the last bit for n ≥ 9).
 fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
     if n == 1 {
         return vec![start];
     }
     let step = (end - start) / (n - 1) as f32;
     let half = n / 2;
-    (0..n).map(|i| if i < half { start + step * i as f32 } else { end - step * (n - 1 - i) as f32 }).collect()
+    (0..n).map(|i| if i < half { step.mul_add(i as f32, start) } else { (-step).mul_add((n - 1 - i) as f32, end) }).collect()
 }
 
 /// Midpoints `(code[i] + code[i+1]) / 2` in f32 of a sorted code; errors if the code is not sorted.
@@ -191,7 +194,7 @@ pub fn nearest(midpoints: &[f32], x: f32) -> u8 {
 mod tests {
     use super::*;
 
-    /// The thresholds in bitsandbytes' `dQuantizeNF4` tree, in ascending order.
+    /// The thresholds in bitsandbytes' CUDA `dQuantizeNF4` tree, in ascending order.
     const NF4_KERNEL_THRESHOLDS: [f32; 15] = [
         -0.8480964004993439,
         -0.6106329262256622,
@@ -210,25 +213,18 @@ mod tests {
         0.8614784181118011,
     ];
 
-    #[test]
-    fn nf4_midpoints_equal_the_kernel_thresholds() {
-        assert!(NF4_MIDPOINTS.windows(2).all(|w| w[0] < w[1]), "sorted");
-        for (i, (m, t)) in NF4_MIDPOINTS.iter().zip(NF4_KERNEL_THRESHOLDS).enumerate() {
-            assert_eq!(m.to_bits(), t.to_bits(), "midpoint {i}: {m} vs kernel {t}");
-        }
-    }
-
     fn next_up(x: f32) -> f32 {
         if x >= 0.0 { f32::from_bits(x.to_bits() + 1) } else { f32::from_bits(x.to_bits() - 1) }
     }
 
     #[test]
-    fn f32_averaged_midpoints_are_within_one_ulp_of_the_kernel_thresholds() {
-        let off: Vec<usize> = (0..15).filter(|&i| (NF4[i] + NF4[i + 1]) / 2.0 != NF4_MIDPOINTS[i]).collect();
+    fn cuda_thresholds_differ_from_the_f32_midpoints_by_one_ulp_at_four_places() {
+        assert!(NF4_MIDPOINTS.windows(2).all(|w| w[0] < w[1]), "sorted");
+        let off: Vec<usize> = (0..15).filter(|&i| NF4_KERNEL_THRESHOLDS[i] != NF4_MIDPOINTS[i]).collect();
         assert_eq!(off, vec![0, 8, 12, 14], "thresholds that differ from the f32 midpoint");
         for i in off {
-            let f = (NF4[i] + NF4[i + 1]) / 2.0;
-            assert_eq!((f.to_bits() as i64 - NF4_MIDPOINTS[i].to_bits() as i64).abs(), 1, "threshold {i}: one ulp");
+            let d = NF4_KERNEL_THRESHOLDS[i].to_bits() as i64 - NF4_MIDPOINTS[i].to_bits() as i64;
+            assert_eq!(d.abs(), 1, "threshold {i}: one ulp");
         }
     }
 
@@ -251,16 +247,17 @@ mod tests {
     #[test]
     fn fp4_table_and_quantiser() {
         assert_eq!(FP4[..8], [0.0, 0.0625 / 12.0, 8.0 / 12.0, 1.0, 4.0 / 12.0, 0.5, 2.0 / 12.0, 0.25]);
-        assert!(FP4[8] == 0.0 && FP4[8].is_sign_negative());
+        assert_eq!(FP4[8].to_bits(), 0, "code 8 is +0.0 in bitsandbytes' table");
         for (i, &v) in FP4.iter().enumerate() {
-            // −0 quantises to +0: the sign bit needs x < 0.
+            // Both zeros land on code 0 (x = 0 is on the midpoint between them: ties go low).
             let want = if i == 8 { 0 } else { i as u8 };
             assert_eq!(quantize_fp4(v), want, "fp4 code {i} ({v})");
         }
-        assert_eq!(quantize_fp4(0.583333), 0b101, "on a threshold: the smaller magnitude");
+        assert_eq!(quantize_fp4(0.001), 0b1000, "tiny positive: the second zero");
+        assert_eq!(quantize_fp4(-0.001), 0b0000, "tiny negative: the first zero");
         assert_eq!(quantize_fp4(-0.9), 0b1011);
-        assert_eq!(quantize_fp4(-0.001), 0b1000);
-        assert_eq!(quantize_fp4(f32::NAN), 0);
+        assert_eq!(quantize_fp4(FP4_MIDPOINTS[13]), 0b101, "between 0.5 and 2/3: the smaller magnitude");
+        assert_eq!(quantize_fp4(next_up(FP4_MIDPOINTS[13])), 0b010);
     }
 
     #[test]
