@@ -299,7 +299,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
 /// The name `--grads` uses for a parameter: its PEFT key for adapter tensors, its HF name otherwise.
 fn grad_name(name: &str, role: ParamRole<'_>) -> String {
     match role {
-        ParamRole::Base => name.to_string(),
+        ParamRole::Base | ParamRole::Quantized { .. } => name.to_string(),
         ParamRole::Adapter { module, key, .. } => temper::adapters::host::peft_key(module, key),
     }
 }

@@ -43,7 +43,7 @@ fn derived_modules_name_save_load_freeze_and_count() {
     other.map_parameters(&mut |_, x| Ok(t(x.shape(), 0.0))).unwrap();
     other.load_safetensors(&temper::formats::safetensors::SafetensorsFiles::open_files(&[path]).unwrap()).unwrap();
     assert_eq!(other.norm.to_vec::<f32>().unwrap(), vec![1.0; 4]);
-    assert_eq!(other.experts[1].weight.to_vec::<f32>().unwrap(), vec![0.5; 6]);
+    assert_eq!(other.experts[1].weight.dense().unwrap().to_vec::<f32>().unwrap(), vec![0.5; 6]);
 }
 
 #[test]

@@ -154,3 +154,81 @@ fn prequantised_model_layers_load_and_round_trip() {
     }
     eprintln!("{} bnb 4-bit layers loaded", prefixes.len());
 }
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// The tiny Llama saved by transformers in bnb-4bit form (NF4, double quant) loads quantised and
+/// gives transformers' logits; its dequantised weights are bitsandbytes' bit for bit.
+#[test]
+fn prequantised_model_gives_the_logits_of_transformers() {
+    let dir = fixture("models/llama_bnb4bit");
+    if !present(&[dir.join("model.safetensors"), dir.join("reference.safetensors")]) {
+        return;
+    }
+    let model = temper::models::Llama::load(&dir, temper::DType::F32).unwrap_or_else(|e| panic!("{e}"));
+    let reference = SafetensorsFiles::open_files(&[dir.join("reference.safetensors")]).unwrap();
+    let mut quantised = 0;
+    temper::adapters::host::each_linear_ref::<temper::adapters::NoAdapter, _>(&model, |m, l| {
+        if let Some(q) = l.weight.as_quantized() {
+            quantised += 1;
+            let want = f32s(&reference, &format!("dequant.{m}.weight"));
+            assert_eq!(bits(&q.dequantize().unwrap().to_vec::<f32>().unwrap()), bits(&want), "{m}: dequantised weight");
+        }
+    })
+    .unwrap();
+    assert_eq!(quantised, 14, "every decoder linear layer stays 4-bit");
+    let input = temper::models::ForwardInput {
+        input_ids: reference.load("input_ids").unwrap(),
+        attention_mask: Some(reference.load("attention_mask").unwrap()),
+        position_ids: None,
+        segment_ids: None,
+    };
+    let logits = model.forward(&input).unwrap().to_vec::<f32>().unwrap();
+    let want = f32s(&reference, "logits");
+    let d = max_abs_diff(&logits, &want);
+    eprintln!("bnb-4bit tiny Llama: max |Δlogit| vs transformers {d:e}");
+    assert!(d < 1e-4, "max |Δlogit| {d}");
+}
+
+/// Saving the loaded 4-bit model writes bitsandbytes' tensors back byte for byte, with the
+/// quantization_config transformers needs to load it.
+#[test]
+fn prequantised_model_saves_back_the_same_tensors() {
+    let dir = fixture("models/llama_bnb4bit");
+    if !present(&[dir.join("model.safetensors")]) {
+        return;
+    }
+    let model = temper::models::Llama::load(&dir, temper::DType::F32).unwrap();
+    let out = std::env::temp_dir().join(format!("temper-bnb-resave-{}", std::process::id()));
+    model.save_pretrained(&out).unwrap_or_else(|e| panic!("{e}"));
+    let ours = SafetensorsFiles::open_dir(&out).unwrap();
+    let theirs = SafetensorsFiles::open_dir(&dir).unwrap();
+    let mut names: Vec<String> = theirs.names().map(String::from).collect();
+    names.sort();
+    let mut mine: Vec<String> = ours.names().map(String::from).collect();
+    mine.sort();
+    assert_eq!(mine, names, "same keys");
+    for k in &names {
+        let (a, b) = (ours.load(k).unwrap(), theirs.load(k).unwrap());
+        assert_eq!((a.dtype(), a.shape()), (b.dtype(), b.shape()), "{k}");
+        if k.contains(".quant_state.") {
+            let ja: serde_json::Value = serde_json::from_slice(&a.to_vec::<u8>().unwrap()).unwrap();
+            let jb: serde_json::Value = serde_json::from_slice(&b.to_vec::<u8>().unwrap()).unwrap();
+            assert_eq!(ja, jb, "{k}");
+        } else if a.dtype() == temper::DType::U8 {
+            assert_eq!(a.to_vec::<u8>().unwrap(), b.to_vec::<u8>().unwrap(), "{k}");
+        } else {
+            assert_eq!(bits(&a.to_vec::<f32>().unwrap()), bits(&b.to_vec::<f32>().unwrap()), "{k}");
+        }
+    }
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let theirs_cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let q = &cfg["quantization_config"];
+    for key in ["quant_method", "load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant"] {
+        assert_eq!(q[key], theirs_cfg["quantization_config"][key], "quantization_config.{key}");
+    }
+    std::fs::remove_dir_all(&out).ok();
+}

@@ -318,6 +318,7 @@ pub fn expand(attr: TokenStream, mut input: DeriveInput) -> syn::Result<TokenStr
         quote!()
     };
     let after_init = m.options.after_init.as_ref().map(|f| quote! {
+        const REWRITES_BASE: bool = true;
         fn after_init(&mut self, weight: &mut ::temper::Tensor) -> ::temper::Result<()> { #name::#f(self, weight) }
     });
     let format_impl = if m.options.custom_format { quote!() } else { quote!(impl ::temper::adapters::AdapterFormat for #name {}) };

@@ -6,6 +6,7 @@
 
 use crate::error::{Error, Result};
 use crate::rng::Rng;
+use crate::models::LinearWeight;
 use crate::tensor::{DType, Tensor};
 use crate::{ops, Device};
 
@@ -14,8 +15,8 @@ use crate::{ops, Device};
 pub struct BaseLayer<'a> {
     /// Module path, `model.layers.0.self_attn.q_proj`.
     pub module: &'a str,
-    /// `[out_features, in_features]`.
-    pub weight: &'a Tensor,
+    /// `[out_features, in_features]`, dense or quantised ([`LinearWeight::dense`] dequantises).
+    pub weight: &'a LinearWeight,
     pub bias: Option<&'a Tensor>,
     /// The base layer's output `x·Wᵀ + b` for the current input (in [`Adapter::forward`]).
     pub out: Option<&'a Tensor>,
@@ -71,19 +72,24 @@ pub trait Adapter: Clone + Send + Sync + 'static {
     }
     /// The delta added to the base output.
     fn forward(&self, x: &Tensor, base: BaseLayer<'_>) -> Result<Tensor>;
+    /// Whether [`Adapter::after_init`] may rewrite the base weight. On a quantised base such an
+    /// adapter gets the dequantised weight, and the result is quantised again (as PEFT does for
+    /// OLoRA/PiSSA on bitsandbytes layers); adapters that leave W alone skip that round trip.
+    const REWRITES_BASE: bool = false;
     /// Runs once after every parameter is initialised; may rewrite the base weight (PiSSA and
     /// OLoRA move the principal part of W into the adapter).
     fn after_init(&mut self, _weight: &mut Tensor) -> Result<()> {
         Ok(())
     }
     /// The base weight with this adapter folded in. Default: `W + ΔW` with `ΔW` read off
-    /// `forward` on the identity — right for every adapter whose delta is linear in `x`.
+    /// `forward` on the identity — right for every adapter whose delta is linear in `x`. A
+    /// quantised base merges into its dequantised values.
     fn merge(&mut self, base: BaseLayer<'_>) -> Result<Tensor> {
-        ops::add(base.weight, &delta_weight(self, base)?.to_dtype(base.weight.dtype())?)
+        ops::add(&base.weight.dense()?, &delta_weight(self, base)?.to_dtype(base.weight.dtype())?)
     }
     /// Undoes [`Adapter::merge`] on `base.weight` (the merged weight).
     fn unmerge(&mut self, base: BaseLayer<'_>) -> Result<Tensor> {
-        ops::sub(base.weight, &delta_weight(self, base)?.to_dtype(base.weight.dtype())?)
+        ops::sub(&base.weight.dense()?, &delta_weight(self, base)?.to_dtype(base.weight.dtype())?)
     }
 }
 
@@ -96,7 +102,7 @@ pub fn delta_weight<A: Adapter + ?Sized>(a: &A, base: BaseLayer<'_>) -> Result<T
     }
     crate::autograd::no_grad(|| {
         let eye = Tensor::from_vec(eye, &[n, n], Device::Cpu)?.to_dtype(a_dtype(a, base))?;
-        let out = ops::linear(&eye, base.weight, None)?;
+        let out = base.weight.linear(&eye, None)?;
         let d = a.forward(&eye, BaseLayer { out: Some(&out), training: false, ..base })?;
         ops::transpose(&d, 0, 1)?.contiguous()
     })

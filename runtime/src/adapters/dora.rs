@@ -64,18 +64,18 @@ impl Dora {
     fn delta(&self, x: &Tensor, base: BaseLayer<'_>) -> Result<Tensor> {
         let xd = if base.training { ops::dropout(x, self.lora_dropout)? } else { x.clone() };
         let lora = ops::scale(&ops::linear(&ops::linear(&xd, &self.lora_a, None)?, &self.lora_b, None)?, self.settings().scale())?;
-        let (_, norm) = self.combined(base.weight)?;
+        let (_, norm) = self.combined(&base.weight.dense()?)?;
         let c = self.magnitude_scale(&norm)?;
         // The base output without bias, on the same (dropped-out) input the adapter saw.
         let base_out = match base.out {
             Some(y) if xd.same_storage(x) && base.bias.is_none() => y.clone(),
-            _ => ops::linear(&xd, base.weight, None)?,
+            _ => base.weight.linear(&xd, None)?,
         };
         ops::sub(&ops::mul_row(&ops::add(&base_out, &lora)?, &c)?, &base_out)
     }
 
     fn merge_weight(&mut self, base: BaseLayer<'_>) -> Result<Tensor> {
-        let (wc, norm) = self.combined(base.weight)?;
+        let (wc, norm) = self.combined(&base.weight.dense()?)?;
         let c: Vec<f64> = self.magnitude.to_f64_vec()?.iter().zip(norm.to_f64_vec()?).map(|(m, n)| m / n).collect();
         self.merged_norm = Some(norm);
         scale_rows(&wc, &c)?.to_dtype(base.weight.dtype())
@@ -85,7 +85,7 @@ impl Dora {
         let norm = self.merged_norm.take().ok_or_else(|| Error::Input(format!("DoRA on `{}` is not merged", base.module)))?;
         let inv: Vec<f64> = self.magnitude.to_f64_vec()?.iter().zip(norm.to_f64_vec()?).map(|(m, n)| n / m).collect();
         autograd::no_grad(|| {
-            let wc = scale_rows(&base.weight.to_dtype(norm.dtype())?, &inv)?;
+            let wc = scale_rows(&base.weight.dense()?.to_dtype(norm.dtype())?, &inv)?;
             let ba = ops::scale(&ops::matmul(&self.lora_b, &self.lora_a, false, false)?, self.settings().scale())?;
             ops::sub(&wc, &ba)?.to_dtype(base.weight.dtype())
         })

@@ -7,7 +7,7 @@
 use super::{Adapter, AdapterConfig, AdapterFormat};
 use crate::error::{Error, Result};
 use crate::formats::safetensors::{self as st, SafetensorsFiles};
-use crate::models::linear::{AdapterSlot, Linear};
+use crate::models::linear::{AdapterSlot, Linear, LinearWeight};
 use crate::module::{Module, ParamRole};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
@@ -110,7 +110,7 @@ pub trait AdapterHost: Module {
             let hyper = cfg.hyper_for(module)?;
             let mut rng = Rng::new(layer_seed(cfg.seed, module));
             let mut adapter = A::init(hyper, l.base(module, None, false), &mut rng)?;
-            adapter.after_init(&mut l.weight)?;
+            run_after_init(&mut adapter, &mut l.weight, module)?;
             l.adapters.push(AdapterSlot { name: name.to_string(), adapter, enabled: true, merged: false });
             Ok(())
         })?;
@@ -207,7 +207,7 @@ pub trait AdapterHost: Module {
             let mut adapter = A::init(cfg.hyper_for(module)?, l.base(module, None, false), &mut Rng::new(0))?;
             // Data-dependent initialisations (OLoRA, PiSSA) rebuild the residual base weight as
             // PEFT does on load; the saved tensors then replace the fresh adapter values.
-            adapter.after_init(&mut l.weight)?;
+            run_after_init(&mut adapter, &mut l.weight, module)?;
             adapter.visit_params_mut(&mut |key, t| {
                 let k = peft_key(module, key);
                 if !files.contains(&k) {
@@ -240,6 +240,28 @@ pub trait AdapterHost: Module {
 
 impl<M: Module + ?Sized> AdapterHost for M {}
 
+/// [`Adapter::after_init`] on a layer's weight. A quantised base is handed over dequantised only to
+/// adapters that rewrite it ([`Adapter::REWRITES_BASE`]), and quantised again afterwards with its
+/// own parameters, as PEFT does for OLoRA/PiSSA on bitsandbytes layers.
+fn run_after_init<A: Adapter>(adapter: &mut A, weight: &mut LinearWeight, module: &str) -> Result<()> {
+    match weight {
+        LinearWeight::Dense(t) => adapter.after_init(t),
+        LinearWeight::Quantized(_) if !A::REWRITES_BASE => Ok(()),
+        LinearWeight::Quantized(q) => {
+            let cfg = q.bnb_config().ok_or_else(|| {
+                Error::Input(format!("`{module}`: a `{}` adapter rewrites the base weight, which a GGUF-quantised base cannot take (use plain LoRA)", A::NAME))
+            })?;
+            let mut dense = q.dequantize()?;
+            let before = dense.id();
+            adapter.after_init(&mut dense)?;
+            if dense.id() != before {
+                *weight = LinearWeight::Quantized(std::sync::Arc::new(crate::quant::QuantizedWeight::quantize_bnb(&dense, cfg)?));
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Merges (`merge`) or unmerges adapter `name` on every layer that carries it; layers already in
 /// the requested state are left alone.
 fn fold<A: Adapter, M: AdapterHost + ?Sized>(m: &mut M, name: &str, merge: bool) -> Result<()> {
@@ -255,7 +277,8 @@ fn fold<A: Adapter, M: AdapterHost + ?Sized>(m: &mut M, name: &str, merge: bool)
             let base = crate::adapters::BaseLayer { module, weight: &w, bias: b.as_ref(), out: None, training: false };
             let slot = &mut l.adapters[i];
             let new = if merge { slot.adapter.merge(base)? } else { slot.adapter.unmerge(base)? };
-            l.weight = if w.requires_grad_flag() { new.requires_grad() } else { new };
+            let trainable = w.as_dense().is_some_and(|t| t.requires_grad_flag());
+            l.weight = LinearWeight::Dense(if trainable { new.requires_grad() } else { new });
             l.adapters[i].merged = merge;
             Ok(())
         })

@@ -43,7 +43,7 @@ pub fn normal(cx: &mut InitCx<'_>, std: f64) -> Result<Tensor> {
 pub fn weight_norm(cx: &mut InitCx<'_>) -> Result<Tensor> {
     let (o, i) = (cx.base.out_features(), cx.base.in_features());
     ensure_shape!(cx.shape == [o], "weight_norm", "`{}` must have shape [out_features] = [{o}], declared {:?}", cx.key, cx.shape);
-    let w = cx.base.weight.to_f64_vec()?;
+    let w = cx.base.weight.dense()?.to_f64_vec()?;
     let data = (0..o).map(|r| w[r * i..(r + 1) * i].iter().map(|v| v * v).sum::<f64>().sqrt() as f32).collect();
     filled(cx, data)
 }

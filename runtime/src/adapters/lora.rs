@@ -59,11 +59,11 @@ impl Lora {
     }
 
     fn merge_weight(&mut self, base: BaseLayer<'_>) -> Result<Tensor> {
-        crate::autograd::no_grad(|| ops::add(base.weight, &self.delta_weight(base)?))
+        crate::autograd::no_grad(|| ops::add(&base.weight.dense()?, &self.delta_weight(base)?))
     }
 
     fn unmerge_weight(&mut self, base: BaseLayer<'_>) -> Result<Tensor> {
-        crate::autograd::no_grad(|| ops::sub(base.weight, &self.delta_weight(base)?))
+        crate::autograd::no_grad(|| ops::sub(&base.weight.dense()?, &self.delta_weight(base)?))
     }
 
     fn init_from_base(&mut self, weight: &mut Tensor) -> Result<()> {

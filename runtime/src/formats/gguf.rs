@@ -978,15 +978,7 @@ fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Option<Vec<f32>> {
         return None;
     }
     let mut out = vec![0f32; n];
-    let kernel: fn(&[u8], &mut [f32]) = match ty {
-        GgmlType::F32 => dequant_f32,
-        GgmlType::F16 => dequant_f16,
-        GgmlType::BF16 => dequant_bf16,
-        GgmlType::Q4_0 => dequant_q4_0,
-        GgmlType::Q4_1 => dequant_q4_1,
-        GgmlType::Q8_0 => dequant_q8_0,
-        GgmlType::Other(_) => return None,
-    };
+    let kernel = block_kernel(ty)?;
     // PAR_CHUNK is a multiple of every supported block size (1 or 32).
     let chunk_bytes = PAR_CHUNK / block * block_bytes;
     if n <= PAR_CHUNK {
@@ -997,6 +989,21 @@ fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Option<Vec<f32>> {
             .for_each(|(o, b)| kernel(b, o));
     }
     Some(out)
+}
+
+/// The function that dequantises whole blocks of `ty` (`src` holds `dst.len() / block` blocks), or
+/// None for a type this reader does not decode. A quantised frozen base (QLoRA on a GGUF model)
+/// calls it one weight row at a time.
+pub fn block_kernel(ty: GgmlType) -> Option<fn(&[u8], &mut [f32])> {
+    Some(match ty {
+        GgmlType::F32 => dequant_f32 as fn(&[u8], &mut [f32]),
+        GgmlType::F16 => dequant_f16,
+        GgmlType::BF16 => dequant_bf16,
+        GgmlType::Q4_0 => dequant_q4_0,
+        GgmlType::Q4_1 => dequant_q4_1,
+        GgmlType::Q8_0 => dequant_q8_0,
+        GgmlType::Other(_) => return None,
+    })
 }
 
 fn dequant_f32(src: &[u8], dst: &mut [f32]) {
@@ -1171,6 +1178,26 @@ pub fn unpermute_qk(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f
 /// Under the same conditions as [`unpermute_qk`].
 pub fn permute_qk(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
     permute_rows(w, rows, cols, n_head, true)
+}
+
+/// For each Hugging Face row `r` of `q_proj`/`k_proj`, the GGUF row that stores it (the row map
+/// [`unpermute_qk`] applies), so a weight kept quantised can read rows through it. `None` when
+/// `rows` does not split into `n_head` heads of even size.
+pub fn qk_row_perm(rows: usize, n_head: usize) -> Option<Vec<u32>> {
+    if n_head == 0 || rows % (2 * n_head) != 0 {
+        return None;
+    }
+    let head_dim = rows / n_head;
+    let half = head_dim / 2;
+    let mut perm = vec![0u32; rows];
+    for h in 0..n_head {
+        for j in 0..2 {
+            for i in 0..half {
+                perm[h * head_dim + j * half + i] = (h * head_dim + 2 * i + j) as u32;
+            }
+        }
+    }
+    Some(perm)
 }
 
 fn permute_rows(w: &[f32], rows: usize, cols: usize, n_head: usize, to_gguf: bool) -> Vec<f32> {

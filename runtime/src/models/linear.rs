@@ -8,7 +8,9 @@ use crate::adapters::{Adapter, BaseLayer, NoAdapter};
 use crate::error::{Error, Result};
 use crate::module::{join, Module, ParamRole, Visit, VisitLinear, VisitLinearRef, VisitMut};
 use crate::ops;
-use crate::tensor::Tensor;
+use crate::quant::QuantizedWeight;
+use crate::tensor::{DType, Tensor};
+use std::sync::Arc;
 
 /// One adapter instance on one layer.
 #[derive(Clone, Debug)]
@@ -37,17 +39,81 @@ impl Default for Mode {
     }
 }
 
+/// The weight `[out, in]` of a linear layer: a dense tensor, or a frozen quantised weight
+/// (bitsandbytes NF4/FP4, GGUF Q4_0/Q4_1/Q8_0) that is dequantised a tile at a time in the matmul.
+#[derive(Clone, Debug)]
+pub enum LinearWeight {
+    Dense(Tensor),
+    Quantized(Arc<QuantizedWeight>),
+}
+
+impl LinearWeight {
+    /// `[out_features, in_features]`.
+    pub fn shape(&self) -> [usize; 2] {
+        match self {
+            LinearWeight::Dense(t) => [t.shape()[0], t.shape().get(1).copied().unwrap_or(0)],
+            LinearWeight::Quantized(q) => q.shape(),
+        }
+    }
+
+    /// The dtype of the values (a quantised weight: the dtype it dequantises to).
+    pub fn dtype(&self) -> DType {
+        match self {
+            LinearWeight::Dense(t) => t.dtype(),
+            LinearWeight::Quantized(q) => q.dtype(),
+        }
+    }
+
+    /// The dense tensor, when the weight is not quantised.
+    pub fn as_dense(&self) -> Option<&Tensor> {
+        match self {
+            LinearWeight::Dense(t) => Some(t),
+            LinearWeight::Quantized(_) => None,
+        }
+    }
+
+    /// The quantised weight, when it is one.
+    pub fn as_quantized(&self) -> Option<&Arc<QuantizedWeight>> {
+        match self {
+            LinearWeight::Dense(_) => None,
+            LinearWeight::Quantized(q) => Some(q),
+        }
+    }
+
+    /// The weight as a dense tensor: itself, or the whole dequantised weight (merging, DoRA's
+    /// column norm — QLoRA's `dequant(W4)`, which is what an adapter on it was trained against).
+    pub fn dense(&self) -> Result<Tensor> {
+        match self {
+            LinearWeight::Dense(t) => Ok(t.clone()),
+            LinearWeight::Quantized(q) => q.dequantize(),
+        }
+    }
+
+    /// `x·Wᵀ + b`.
+    pub fn linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        match self {
+            LinearWeight::Dense(w) => ops::linear(x, w, bias),
+            LinearWeight::Quantized(q) => ops::linear_quantized(x, q, bias),
+        }
+    }
+}
+
 /// A linear layer: weight `[out, in]`, optional bias `[out]`, adapters of type `A`.
 #[derive(Clone, Debug)]
 pub struct Linear<A: Adapter = NoAdapter> {
-    pub weight: Tensor,
+    pub weight: LinearWeight,
     pub bias: Option<Tensor>,
     pub adapters: Vec<AdapterSlot<A>>,
 }
 
 impl<A: Adapter> Linear<A> {
-    /// A layer with no adapters.
+    /// A layer with a dense weight and no adapters.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight: LinearWeight::Dense(weight), bias, adapters: Vec::new() }
+    }
+
+    /// A layer with any weight and no adapters.
+    pub fn with_weight(weight: LinearWeight, bias: Option<Tensor>) -> Self {
         Linear { weight, bias, adapters: Vec::new() }
     }
 
@@ -72,7 +138,7 @@ impl<A: Adapter> Linear<A> {
     /// [`Linear::forward`] under `mode`. Switching adapters off while one is merged is an error:
     /// the base weight no longer exists separately.
     pub fn forward_mode(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let y = ops::linear(x, &self.weight, self.bias.as_ref())?;
+        let y = self.weight.linear(x, self.bias.as_ref())?;
         if !mode.adapters {
             if let Some(s) = self.adapters.iter().find(|s| s.merged) {
                 return Err(Error::Input(format!("adapter `{}` is merged into the weights; unmerge it before running the base model", s.name)));
@@ -100,7 +166,15 @@ pub fn adapter_param_name(module: &str, key: &str, adapter: &str) -> String {
 
 impl<A: Adapter> Module for Linear<A> {
     fn visit(&self, prefix: &str, f: &mut Visit<'_>) {
-        f(&join(prefix, "weight"), &self.weight, ParamRole::Base);
+        match &self.weight {
+            LinearWeight::Dense(w) => f(&join(prefix, "weight"), w, ParamRole::Base),
+            LinearWeight::Quantized(q) => {
+                for (k, t) in q.entries() {
+                    let numel = if k == "weight" { q.shape()[0] * q.shape()[1] } else { 0 };
+                    f(&join(prefix, k), t, ParamRole::Quantized { numel });
+                }
+            }
+        }
         if let Some(b) = &self.bias {
             f(&join(prefix, "bias"), b, ParamRole::Base);
         }
@@ -112,7 +186,10 @@ impl<A: Adapter> Module for Linear<A> {
     }
 
     fn visit_mut(&mut self, prefix: &str, f: &mut VisitMut<'_>) -> Result<()> {
-        f(&join(prefix, "weight"), &mut self.weight, ParamRole::Base)?;
+        // A quantised weight is frozen data: never replaced, converted or trained.
+        if let LinearWeight::Dense(w) = &mut self.weight {
+            f(&join(prefix, "weight"), w, ParamRole::Base)?;
+        }
         if let Some(b) = &mut self.bias {
             f(&join(prefix, "bias"), b, ParamRole::Base)?;
         }

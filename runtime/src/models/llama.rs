@@ -5,7 +5,7 @@
 //! logits = lm_head(rmsnorm(h)) (lm_head = embed_tokens when tied).
 
 use super::kv_cache::KvCache;
-use super::linear::{Linear, Mode};
+use super::linear::{Linear, LinearWeight, Mode};
 use crate::adapters::{Adapter, AdapterConfig, AdapterHost, NoAdapter};
 use crate::{Module, ModuleExt};
 use crate::backend::{AttnMasks, AttnShape, BackendStorage, Storage};
@@ -14,6 +14,7 @@ use crate::formats::gguf::{self, GgufFile};
 use crate::formats::hf_config::{Architecture, ModelConfig};
 use crate::formats::safetensors::SafetensorsFiles;
 use crate::ops::{self, AttentionMask, RopeScaling, RopeTable};
+use crate::quant::{Bnb4bitConfig, Nf4Weight, QuantizedWeight};
 use crate::tensor::{DType, Tensor};
 use crate::Device;
 use std::path::Path;
@@ -151,15 +152,156 @@ pub struct Llama<A: Adapter = NoAdapter> {
     inv_freq: Vec<f64>,
 }
 
-fn linear_from<A: Adapter>(get: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>, name: &str, out_f: usize, in_f: usize, bias: bool) -> Result<Linear<A>> {
-    let weight = get(&format!("{name}.weight"), &[out_f, in_f])?;
-    let bias = if bias { Some(get(&format!("{name}.bias"), &[out_f])?) } else { None };
-    Ok(Linear::new(weight, bias))
+/// Where a model's weights come from: named tensors (HF names and shapes) and the weights of linear
+/// layers, which a source may hand over quantised.
+pub trait WeightSource {
+    /// The tensor `name` with shape `shape`.
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor>;
+    /// The weight of linear layer `module` (`model.layers.0.self_attn.q_proj`), `[out, in]`.
+    /// Default: the dense tensor `{module}.weight`.
+    fn linear(&mut self, module: &str, shape: [usize; 2]) -> Result<LinearWeight> {
+        Ok(LinearWeight::Dense(self.tensor(&format!("{module}.weight"), &shape)?))
+    }
+}
+
+/// A closure as a [`WeightSource`] of dense tensors.
+struct FnSource<'a>(&'a mut dyn FnMut(&str, &[usize]) -> Result<Tensor>);
+
+impl WeightSource for FnSource<'_> {
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        (self.0)(name, shape)
+    }
+}
+
+/// A GGUF file as a [`WeightSource`]: tensors dequantised to `dtype` with llama.cpp's q/k row
+/// permutation undone; with `keep_quantized`, Q4_0/Q4_1/Q8_0 linear weights stay as their blocks.
+struct GgufSource<'a> {
+    g: &'a GgufFile,
+    path: &'a Path,
+    by_hf: std::collections::HashMap<String, String>,
+    /// Query and key/value head counts (for the q/k row permutation).
+    heads: (usize, usize),
+    dtype: DType,
+    keep_quantized: bool,
+}
+
+impl GgufSource<'_> {
+    fn gguf_name(&self, name: &str) -> Result<&String> {
+        self.by_hf.get(name).ok_or_else(|| Error::MissingTensor { path: self.path.into(), name: name.into() })
+    }
+    fn qk_heads(&self, name: &str) -> Option<usize> {
+        if name.ends_with("self_attn.q_proj.weight") {
+            Some(self.heads.0)
+        } else if name.ends_with("self_attn.k_proj.weight") {
+            Some(self.heads.1)
+        } else {
+            None
+        }
+    }
+}
+
+impl WeightSource for GgufSource<'_> {
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let gname = self.gguf_name(name)?;
+        let (gshape, mut data) = self.g.tensor_f32(gname)?;
+        if gshape != shape {
+            return Err(Error::BadTensor { name: gname.clone(), msg: format!("in {}: shape {:?}, expected {:?}", self.path.display(), gshape, shape) });
+        }
+        if let Some(h) = self.qk_heads(name) {
+            data = gguf::unpermute_qk(&data, shape[0], shape[1], h);
+        }
+        Tensor::from_vec(data, shape, Device::Cpu)?.to_dtype(self.dtype)
+    }
+    fn linear(&mut self, module: &str, shape: [usize; 2]) -> Result<LinearWeight> {
+        let name = format!("{module}.weight");
+        let gname = self.gguf_name(&name)?.clone();
+        let info = self.g.tensor_info(&gname).ok_or_else(|| Error::MissingTensor { path: self.path.into(), name: gname.clone() })?;
+        let ty = info.ggml_type;
+        if !self.keep_quantized || !matches!(ty, gguf::GgmlType::Q4_0 | gguf::GgmlType::Q4_1 | gguf::GgmlType::Q8_0) {
+            return Ok(LinearWeight::Dense(self.tensor(&name, &shape)?));
+        }
+        if info.shape() != shape {
+            return Err(Error::BadTensor { name: gname, msg: format!("in {}: shape {:?}, expected {:?}", self.path.display(), info.shape(), shape) });
+        }
+        let perm = match self.qk_heads(&name) {
+            None => None,
+            Some(h) => Some(gguf::qk_row_perm(shape[0], h).ok_or_else(|| Error::BadTensor { name: gname.clone(), msg: format!("{} rows do not split into {h} heads of even size", shape[0]) })?),
+        };
+        let data = self.g.tensor_bytes(&gname)?.to_vec();
+        Ok(LinearWeight::Quantized(Arc::new(QuantizedWeight::from_ggml(ty, data, shape, perm, &gname)?)))
+    }
+}
+
+/// How [`Llama::load_with`] treats the weights.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadOptions {
+    /// The dtype of the dense weights.
+    pub dtype: DType,
+    /// Quantise every decoder linear layer on load (bitsandbytes' `load_in_4bit`); `lm_head` and the
+    /// embeddings stay dense, as in transformers. A pre-quantised bitsandbytes checkpoint loads
+    /// quantised whatever this says.
+    pub quantize: Option<Bnb4bitConfig>,
+    /// Keep GGUF Q4_0/Q4_1/Q8_0 linear weights as their blocks (a true 4/8-bit frozen base) instead of
+    /// dequantising them.
+    pub keep_gguf_quantized: bool,
+}
+
+impl LoadOptions {
+    /// Dense weights of `dtype`, nothing quantised.
+    pub fn dense(dtype: DType) -> Self {
+        LoadOptions { dtype, quantize: None, keep_gguf_quantized: false }
+    }
+}
+
+fn linear_from<A: Adapter>(src: &mut dyn WeightSource, name: &str, out_f: usize, in_f: usize, bias: bool) -> Result<Linear<A>> {
+    let weight = src.linear(name, [out_f, in_f])?;
+    if weight.shape() != [out_f, in_f] {
+        return Err(Error::BadTensor { name: format!("{name}.weight"), msg: format!("shape {:?}, expected {:?}", weight.shape(), [out_f, in_f]) });
+    }
+    let bias = if bias { Some(src.tensor(&format!("{name}.bias"), &[out_f])?) } else { None };
+    Ok(Linear::with_weight(weight, bias))
+}
+
+/// Safetensors files as a [`WeightSource`]: bitsandbytes 4-bit layers load quantised, and with
+/// `quantize` every other linear layer is quantised as it loads (one layer in f32 at a time).
+struct HfSource<'a> {
+    files: &'a SafetensorsFiles,
+    dtype: DType,
+    quantize: Option<Bnb4bitConfig>,
+}
+
+impl WeightSource for HfSource<'_> {
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.files.load_as(name, shape, self.dtype)
+    }
+    fn linear(&mut self, module: &str, shape: [usize; 2]) -> Result<LinearWeight> {
+        let w = format!("{module}.weight");
+        for qt in ["nf4", "fp4"] {
+            let key = format!("{w}.quant_state.bitsandbytes__{qt}");
+            if self.files.contains(&key) {
+                let q = QuantizedWeight::from_bnb(Nf4Weight::from_safetensors(self.files, module)?, &key)?;
+                return Ok(LinearWeight::Quantized(Arc::new(q)));
+            }
+        }
+        match self.quantize {
+            None => Ok(LinearWeight::Dense(self.files.load_as(&w, &shape, self.dtype)?)),
+            Some(cfg) => {
+                let dense = self.files.load_as(&w, &shape, self.dtype)?;
+                Ok(LinearWeight::Quantized(Arc::new(QuantizedWeight::quantize_bnb(&dense, cfg)?)))
+            }
+        }
+    }
 }
 
 impl<A: Adapter> Llama<A> {
     /// Builds the model from a configuration and a source of named tensors (HF names and shapes).
     pub fn from_source(config: ModelConfig, get: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>) -> Result<Llama<A>> {
+        Self::from_weights(config, &mut FnSource(get))
+    }
+
+    /// Builds the model from a configuration and a [`WeightSource`] (which may quantise linears).
+    pub fn from_weights(config: ModelConfig, src: &mut dyn WeightSource) -> Result<Llama<A>> {
+        let get = src;
         let c = &config;
         let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
         let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
@@ -169,16 +311,16 @@ impl<A: Adapter> Llama<A> {
             let a = format!("{p}.self_attn");
             let m = format!("{p}.mlp");
             layers.push(DecoderLayer {
-                input_layernorm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                input_layernorm: get.tensor(&format!("{p}.input_layernorm.weight"), &[h])?,
                 self_attn: SelfAttention {
                     q_proj: linear_from(get, &format!("{a}.q_proj"), q, h, c.qkv_bias)?,
                     k_proj: linear_from(get, &format!("{a}.k_proj"), kv, h, c.qkv_bias)?,
                     v_proj: linear_from(get, &format!("{a}.v_proj"), kv, h, c.qkv_bias)?,
                     o_proj: linear_from(get, &format!("{a}.o_proj"), h, q, c.o_bias)?,
-                    q_norm: if c.qk_norm { Some(get(&format!("{a}.q_norm.weight"), &[c.head_dim])?) } else { None },
-                    k_norm: if c.qk_norm { Some(get(&format!("{a}.k_norm.weight"), &[c.head_dim])?) } else { None },
+                    q_norm: if c.qk_norm { Some(get.tensor(&format!("{a}.q_norm.weight"), &[c.head_dim])?) } else { None },
+                    k_norm: if c.qk_norm { Some(get.tensor(&format!("{a}.k_norm.weight"), &[c.head_dim])?) } else { None },
                 },
-                post_attention_layernorm: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                post_attention_layernorm: get.tensor(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 mlp: Mlp {
                     gate_proj: linear_from(get, &format!("{m}.gate_proj"), i, h, c.mlp_bias)?,
                     up_proj: linear_from(get, &format!("{m}.up_proj"), i, h, c.mlp_bias)?,
@@ -187,9 +329,9 @@ impl<A: Adapter> Llama<A> {
                 window: c.layer_windows.get(l).copied().flatten(),
             });
         }
-        let embed_tokens = get("model.embed_tokens.weight", &[v, h])?;
-        let norm = get("model.norm.weight", &[h])?;
-        let lm_head = if c.tie_word_embeddings { None } else { Some(get("lm_head.weight", &[v, h])?) };
+        let embed_tokens = get.tensor("model.embed_tokens.weight", &[v, h])?;
+        let norm = get.tensor("model.norm.weight", &[h])?;
+        let lm_head = if c.tie_word_embeddings { None } else { Some(get.tensor("lm_head.weight", &[v, h])?) };
         let inv_freq = ops::rope_inv_freq(c.head_dim, c.rope_theta, &c.rope_scaling);
         Ok(Llama { config, embed_tokens, layers, norm, lm_head, gradient_checkpointing: false, training: false, inv_freq })
     }
@@ -251,11 +393,55 @@ impl<A: Adapter> Llama<A> {
             DType::F16 => "float16",
             other => return Err(Error::dtype("save_pretrained", format!("weights of dtype {other}"))),
         };
-        let cfg = serde_json::to_string_pretty(&self.config.to_hf_json(dtype)).map_err(|e| Error::Input(format!("config.json: {e}")))?;
+        let mut json = self.config.to_hf_json(dtype);
+        if let Some(q) = self.quantization_config(dtype)? {
+            json["quantization_config"] = q;
+        }
+        let cfg = serde_json::to_string_pretty(&json).map_err(|e| Error::Input(format!("config.json: {e}")))?;
         crate::formats::safetensors::write_atomic(&dir.join("config.json"), cfg.as_bytes())?;
         let mut meta = std::collections::HashMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         crate::formats::safetensors::save(&dir.join("model.safetensors"), &self.base_parameters(), Some(meta))
+    }
+
+    /// The `quantization_config` transformers reads for a bitsandbytes 4-bit model (None when no
+    /// layer is quantised). All quantised layers must share one configuration; GGUF blocks have no
+    /// Hugging Face form and are an error (dequantise or merge first).
+    fn quantization_config(&self, compute_dtype: &str) -> Result<Option<serde_json::Value>> {
+        let mut found: Option<Bnb4bitConfig> = None;
+        let mut problem = None;
+        crate::adapters::host::each_linear_ref::<A, _>(self, |m, l| {
+            let Some(q) = l.weight.as_quantized() else { return };
+            match q.bnb_config() {
+                None => {
+                    problem.get_or_insert(format!("`{m}` holds {} GGUF blocks, which have no Hugging Face form: load the model dequantised (or merge) before saving", q.describe()));
+                }
+                Some(c) if found.is_some_and(|f| f != c) => {
+                    problem.get_or_insert(format!("`{m}` is quantised as {} but other layers differ; transformers needs one configuration", q.describe()));
+                }
+                Some(c) => found = Some(c),
+            }
+        })?;
+        if let Some(p) = problem {
+            return Err(Error::Input(p));
+        }
+        Ok(found.map(|c| {
+            serde_json::json!({
+                "quant_method": "bitsandbytes",
+                "_load_in_4bit": true,
+                "_load_in_8bit": false,
+                "load_in_4bit": true,
+                "load_in_8bit": false,
+                "bnb_4bit_quant_type": c.quant_type.as_str(),
+                "bnb_4bit_use_double_quant": c.double_quant,
+                "bnb_4bit_compute_dtype": compute_dtype,
+                "bnb_4bit_quant_storage": "uint8",
+                "llm_int8_enable_fp32_cpu_offload": false,
+                "llm_int8_has_fp16_weight": false,
+                "llm_int8_skip_modules": null,
+                "llm_int8_threshold": 6.0,
+            })
+        }))
     }
 
     /// Trainable parameters with their learning-rate multipliers (LoRA+ trains `lora_B` faster).
@@ -430,15 +616,34 @@ impl Llama {
         }
     }
 
-    /// Loads `config.json` and the safetensors weights of a folder.
+    /// [`Llama::load`] with options: quantise on load, keep GGUF blocks quantised.
+    pub fn load_with(path: &Path, opts: &LoadOptions) -> Result<Llama> {
+        if path.is_dir() {
+            let config = ModelConfig::from_file(&path.join("config.json"))?;
+            let files = SafetensorsFiles::open_dir(path)?;
+            Self::from_weights(config, &mut HfSource { files: &files, dtype: opts.dtype, quantize: opts.quantize })
+        } else if path.extension().is_some_and(|e| e == "gguf") {
+            if opts.quantize.is_some() {
+                return Err(Error::Input(format!("{}: quantising a GGUF model to bitsandbytes 4-bit on load is not supported; keep its own blocks (keep_gguf_quantized) or quantise a Hugging Face folder", path.display())));
+            }
+            Self::gguf_with(path, opts.dtype, opts.keep_gguf_quantized)
+        } else {
+            Self::load(path, opts.dtype)
+        }
+    }
+
+    /// Loads `config.json` and the safetensors weights of a folder (bitsandbytes 4-bit layers of a
+    /// pre-quantised checkpoint stay quantised).
     pub fn from_hf_dir(dir: &Path, dtype: DType) -> Result<Llama> {
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let files = SafetensorsFiles::open_dir(dir)?;
-        Self::from_source(config, &mut |name, shape| files.load_as(name, shape, dtype))
+        Self::load_with(dir, &LoadOptions::dense(dtype))
     }
 
     /// Loads a llama-architecture GGUF: dequantises to `dtype` and undoes llama.cpp's q/k row permutation.
     pub fn from_gguf(path: &Path, dtype: DType) -> Result<Llama> {
+        Self::gguf_with(path, dtype, false)
+    }
+
+    fn gguf_with(path: &Path, dtype: DType, keep_quantized: bool) -> Result<Llama> {
         let g = GgufFile::open(path)?;
         let config = gguf_config(&g)?;
         let mut by_hf = std::collections::HashMap::new();
@@ -447,22 +652,9 @@ impl Llama {
                 by_hf.insert(hf, t.name.clone());
             }
         }
-        let (heads, kv_heads) = (config.num_attention_heads, config.num_key_value_heads);
-        Self::from_source(config, &mut |name, shape| {
-            let gname = by_hf.get(name).ok_or_else(|| Error::MissingTensor { path: path.into(), name: name.into() })?;
-            let (gshape, mut data) = g.tensor_f32(gname)?;
-            if gshape != shape {
-                return Err(Error::BadTensor { name: gname.clone(), msg: format!("in {}: shape {:?}, expected {:?}", path.display(), gshape, shape) });
-            }
-            if name.ends_with("self_attn.q_proj.weight") {
-                data = gguf::unpermute_qk(&data, shape[0], shape[1], heads);
-            } else if name.ends_with("self_attn.k_proj.weight") {
-                data = gguf::unpermute_qk(&data, shape[0], shape[1], kv_heads);
-            }
-            Tensor::from_vec(data, shape, Device::Cpu)?.to_dtype(dtype)
-        })
+        let heads = (config.num_attention_heads, config.num_key_value_heads);
+        Self::from_weights(config, &mut GgufSource { g: &g, path, by_hf, heads, dtype, keep_quantized })
     }
-
     /// Hugging Face's causal-LM loss: logits at t predict labels at t+1 (−100 ignored), mean over counted tokens.
     pub fn loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         ensure_shape!(logits.rank() == 3, "loss", "logits must be [batch, seq, vocab], got {:?}", logits.shape());

@@ -5,5 +5,5 @@ pub mod linear;
 pub mod llama;
 
 pub use kv_cache::KvCache;
-pub use linear::{AdapterSlot, Linear, Mode};
-pub use llama::{DecoderLayer, ForwardInput, Llama, Mlp, SelfAttention};
+pub use linear::{AdapterSlot, Linear, LinearWeight, Mode};
+pub use llama::{DecoderLayer, ForwardInput, Llama, LoadOptions, Mlp, SelfAttention, WeightSource};

@@ -46,11 +46,12 @@ pub trait ModuleExt: Module {
         out
     }
 
-    /// The base model's parameters (what a Hugging Face checkpoint holds), without adapters.
+    /// The base model's parameters (what a Hugging Face checkpoint holds, quantised layers as
+    /// their bitsandbytes tensors), without adapters.
     fn base_parameters(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
         self.visit("", &mut |n, t, role| {
-            if role == ParamRole::Base {
+            if matches!(role, ParamRole::Base | ParamRole::Quantized { .. }) {
                 out.push((n.to_string(), t.clone()))
             }
         });
@@ -86,12 +87,15 @@ pub trait ModuleExt: Module {
         self.named_parameters().into_iter().filter(|(_, t)| t.requires_grad_flag()).collect()
     }
 
-    /// Trainable and total parameter counts (tied weights counted once).
+    /// Trainable and total parameter counts (tied weights counted once; a quantised weight counts
+    /// its values, not its packed bytes).
     fn parameter_counts(&self) -> ParamCounts {
         let mut seen = std::collections::HashSet::new();
         let mut c = ParamCounts { trainable: 0, total: 0 };
-        self.visit("", &mut |_, t, _| {
-            if seen.insert(t.id()) {
+        self.visit("", &mut |_, t, role| {
+            if let ParamRole::Quantized { numel } = role {
+                c.total += numel;
+            } else if seen.insert(t.id()) {
                 c.total += t.elem_count();
                 if t.requires_grad_flag() {
                     c.trainable += t.elem_count();

@@ -21,6 +21,11 @@ pub enum ParamRole<'a> {
     /// A weight of adapter `adapter` on linear layer `module`; `key` is its name relative to the
     /// layer in PEFT's saved form (`lora_A.weight`, `lora_magnitude_vector`).
     Adapter { adapter: &'a str, module: &'a str, key: &'a str },
+    /// Part of a frozen quantised base weight as its checkpoint stores it (bitsandbytes'
+    /// `weight` codes, `weight.absmax`, `weight.quant_state.…`): saved and counted, never trained,
+    /// converted or replaced. `numel` is how many weight values the tensor stands for (the packed
+    /// codes: all of them; the state tensors: 0).
+    Quantized { numel: usize },
 }
 
 /// Callback of [`Module::visit`]: full name, tensor, role.

@@ -7,7 +7,9 @@
 pub mod blockwise;
 pub mod codes;
 pub mod state;
+pub mod weight;
 
 pub use blockwise::{dequantize_4bit, double_dequantize, double_quantize, quantize_4bit};
 pub use codes::QuantType;
 pub use state::{Absmax, Nf4Weight, QuantState};
+pub use weight::{Bnb4bitConfig, QuantizedWeight};

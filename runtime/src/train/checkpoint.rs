@@ -111,7 +111,7 @@ pub fn load<A: AdapterFormat, O: Optimizer>(dir: &Path, model: &mut Llama<A>, ad
         let key = match role {
             ParamRole::Base => name.to_string(),
             ParamRole::Adapter { adapter: a, module, key } if Some(a) == adapter => peft_key(module, key),
-            ParamRole::Adapter { .. } => return Ok(()),
+            ParamRole::Adapter { .. } | ParamRole::Quantized { .. } => return Ok(()),
         };
         // Values are written in place so the optimizer, which holds these tensors, sees them.
         let v = files.load_as(&key, t.shape(), t.dtype())?;

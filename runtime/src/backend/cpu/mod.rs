@@ -7,6 +7,7 @@ pub mod embedding;
 pub mod float;
 pub mod gemm;
 pub mod kl_div;
+pub mod quant_linear;
 pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;

@@ -1,0 +1,220 @@
+//! A frozen quantised linear weight `[out, in]`: the base layer of QLoRA.
+//!
+//! Two storage formats, both kept exactly as their files hold them:
+//! - bitsandbytes 4-bit (NF4/FP4, optionally double-quantised scales): the checkpoint tensors
+//!   (`weight`, `weight.absmax`, `weight.quant_map`, …), so saving writes them back byte for byte;
+//!   the block scales are decoded to f32 once (4 bytes per block of 64).
+//! - GGUF blocks (Q4_0, Q4_1, Q8_0): the raw block bytes of each row; llama.cpp's q/k row
+//!   permutation is undone by reading rows through a permutation, never by rewriting data.
+//!
+//! Compute only ever asks for a tile of rows ([`QuantizedWeight::dequantize_rows`]); the whole f32
+//! weight exists only when something asks for it ([`QuantizedWeight::dequantize`]: merging, DoRA).
+
+use super::codes::QuantType;
+use super::state::{Absmax, Nf4Weight};
+use crate::backend::{CpuStorage, Storage};
+use crate::error::{Error, Result};
+use crate::formats::gguf::{self, GgmlType};
+use crate::tensor::{DType, Tensor};
+use crate::Device;
+use rayon::prelude::*;
+
+/// How a [`QuantizedWeight`] stores its values.
+#[derive(Clone, Debug)]
+enum Format {
+    /// bitsandbytes: `tensors[0]` is the packed `weight` (U8, `[(n+1)/2, 1]`).
+    Bnb { quant_type: QuantType, blocksize: usize, code: [f32; 16], absmax: Vec<f32>, double_quant: bool, tensors: Vec<(String, Tensor)> },
+    /// GGUF blocks, `row_bytes` per row; row `r` of the weight is stored row `perm[r]`.
+    Ggml { ty: GgmlType, data: Vec<u8>, row_bytes: usize, perm: Option<Vec<u32>> },
+}
+
+/// A frozen quantised weight `[out_features, in_features]` (see the module docs).
+#[derive(Clone, Debug)]
+pub struct QuantizedWeight {
+    shape: [usize; 2],
+    /// The dtype the weight had before quantisation (and dequantises to).
+    dtype: DType,
+    format: Format,
+}
+
+/// How `temper` quantises weights on load or in `temper quantize` (bitsandbytes' parameters).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Bnb4bitConfig {
+    pub quant_type: QuantType,
+    pub blocksize: usize,
+    /// Quantise the block scales too (`bnb_4bit_use_double_quant`).
+    pub double_quant: bool,
+}
+
+impl Default for Bnb4bitConfig {
+    /// QLoRA's recipe: NF4, blocks of 64, double quantisation.
+    fn default() -> Self {
+        Bnb4bitConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant: true }
+    }
+}
+
+fn torch_dtype_name(d: DType) -> Result<&'static str> {
+    Ok(match d {
+        DType::F32 => "float32",
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        other => return Err(Error::dtype("quantize", format!("a {other} weight (bitsandbytes records float32, bfloat16 or float16)"))),
+    })
+}
+
+fn dtype_from_torch(name: &str, key: &str) -> Result<DType> {
+    Ok(match name {
+        "float32" => DType::F32,
+        "bfloat16" => DType::BF16,
+        "float16" => DType::F16,
+        other => return Err(Error::BadTensor { name: key.into(), msg: format!("quant-state dtype `{other}` (expected float32, bfloat16 or float16)") }),
+    })
+}
+
+fn u8_slice(s: &Storage) -> &[u8] {
+    match s {
+        Storage::Cpu(CpuStorage::U8(v)) => v,
+        // The packed tensor is built here as U8 and never replaced.
+        _ => &[],
+    }
+}
+
+impl QuantizedWeight {
+    /// A bitsandbytes 4-bit weight read from a checkpoint (see [`Nf4Weight::from_safetensors`]).
+    pub fn from_bnb(w: Nf4Weight, state_key: &str) -> Result<QuantizedWeight> {
+        let s = &w.state;
+        let [out, inp] = match s.shape[..] {
+            [o, i] => [o, i],
+            _ => return Err(Error::BadTensor { name: state_key.into(), msg: format!("shape {:?} is not a 2-D linear weight", s.shape) }),
+        };
+        let code: [f32; 16] = s.quant_map.as_slice().try_into().map_err(|_| Error::BadTensor { name: state_key.into(), msg: "quant_map must have 16 entries".into() })?;
+        let dtype = dtype_from_torch(&s.dtype, state_key)?;
+        let absmax = s.absmax.values()?;
+        let double_quant = matches!(s.absmax, Absmax::Nested { .. });
+        let tensors = w.to_safetensors_entries("")?.into_iter().map(|(k, t)| (k.trim_start_matches('.').to_string(), t)).collect();
+        Ok(QuantizedWeight { shape: [out, inp], dtype, format: Format::Bnb { quant_type: s.quant_type, blocksize: s.blocksize, code, absmax, double_quant, tensors } })
+    }
+
+    /// Quantises a dense `[out, in]` weight the way bitsandbytes does (byte-identical codes and
+    /// scales); the original dtype is recorded so the weight dequantises back to it.
+    pub fn quantize_bnb(weight: &Tensor, cfg: Bnb4bitConfig) -> Result<QuantizedWeight> {
+        let shape = weight.shape().to_vec();
+        if shape.len() != 2 {
+            return Err(Error::Input(format!("4-bit quantisation needs a 2-D weight, got {shape:?}")));
+        }
+        let dtype = weight.dtype();
+        let mut w = Nf4Weight::quantize(&weight.to_dtype(DType::F32)?.to_vec::<f32>()?, &shape, cfg.quant_type, cfg.blocksize, cfg.double_quant)?;
+        w.state.dtype = torch_dtype_name(dtype)?.into();
+        Self::from_bnb(w, "quantize")
+    }
+
+    /// A GGUF-quantised weight kept as its blocks: `data` is `out × in` values of `ty` in row-major
+    /// blocks; `perm[r]` is the stored row that holds row `r` (llama.cpp permutes q/k rows).
+    pub fn from_ggml(ty: GgmlType, data: Vec<u8>, shape: [usize; 2], perm: Option<Vec<u32>>, name: &str) -> Result<QuantizedWeight> {
+        let bad = |msg: String| Error::BadTensor { name: name.into(), msg };
+        if !matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0) {
+            return Err(bad(format!("type {ty} cannot stay quantised (Q4_0, Q4_1 and Q8_0 can)")));
+        }
+        let (block, block_bytes) = ty.block_layout().map(|(a, b)| (a as usize, b as usize)).ok_or_else(|| bad(format!("unknown block layout of {ty}")))?;
+        if shape[1] % block != 0 {
+            return Err(bad(format!("rows of {} values do not split into blocks of {block}", shape[1])));
+        }
+        let row_bytes = shape[1] / block * block_bytes;
+        if data.len() != row_bytes * shape[0] {
+            return Err(bad(format!("{} bytes of {ty} data for shape {shape:?} (expected {})", data.len(), row_bytes * shape[0])));
+        }
+        if let Some(p) = &perm {
+            if p.len() != shape[0] || p.iter().any(|&r| r as usize >= shape[0]) {
+                return Err(bad("row permutation does not fit the weight".into()));
+            }
+        }
+        Ok(QuantizedWeight { shape, dtype: DType::F32, format: Format::Ggml { ty, data, row_bytes, perm } })
+    }
+
+    /// `[out_features, in_features]`.
+    pub fn shape(&self) -> [usize; 2] {
+        self.shape
+    }
+
+    /// The dtype the weight dequantises to.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Short description: `nf4 (blocksize 64, double quant)`, `Q4_0`.
+    pub fn describe(&self) -> String {
+        match &self.format {
+            Format::Bnb { quant_type, blocksize, double_quant, .. } => {
+                format!("{} (blocksize {blocksize}{})", quant_type.as_str(), if *double_quant { ", double quant" } else { "" })
+            }
+            Format::Ggml { ty, .. } => ty.to_string(),
+        }
+    }
+
+    /// The bitsandbytes parameters, for a bitsandbytes weight.
+    pub fn bnb_config(&self) -> Option<Bnb4bitConfig> {
+        match &self.format {
+            Format::Bnb { quant_type, blocksize, double_quant, .. } => Some(Bnb4bitConfig { quant_type: *quant_type, blocksize: *blocksize, double_quant: *double_quant }),
+            Format::Ggml { .. } => None,
+        }
+    }
+
+    /// Bytes the stored weight occupies: what a checkpoint holds (packed codes and scales, or GGUF blocks).
+    pub fn bytes(&self) -> usize {
+        match &self.format {
+            Format::Bnb { tensors, .. } => tensors.iter().map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes()).sum(),
+            Format::Ggml { data, .. } => data.len(),
+        }
+    }
+
+    /// The checkpoint tensors relative to the layer (`weight`, `weight.absmax`, …), bitsandbytes only;
+    /// empty for GGUF blocks, which have no Hugging Face form.
+    pub fn entries(&self) -> &[(String, Tensor)] {
+        match &self.format {
+            Format::Bnb { tensors, .. } => tensors,
+            Format::Ggml { .. } => &[],
+        }
+    }
+
+    /// Writes rows `r0..r1` of the dequantised weight (f32, row-major) into `out`.
+    pub fn dequantize_rows_into(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        let cols = self.shape[1];
+        debug_assert_eq!(out.len(), (r1 - r0) * cols);
+        match &self.format {
+            Format::Bnb { code, absmax, blocksize, tensors, .. } => {
+                let guard = tensors[0].1.storage();
+                let packed = u8_slice(&guard);
+                let base = r0 * cols;
+                out.par_chunks_mut(4096).enumerate().for_each(|(c, chunk)| {
+                    let start = base + c * 4096;
+                    for (j, o) in chunk.iter_mut().enumerate() {
+                        let i = start + j;
+                        let byte = packed[i / 2];
+                        let q = if i % 2 == 0 { byte >> 4 } else { byte & 0x0F };
+                        *o = code[q as usize] * absmax[i / blocksize];
+                    }
+                });
+            }
+            Format::Ggml { ty, data, row_bytes, perm } => {
+                let Some(kernel) = gguf::block_kernel(*ty) else { return };
+                out.par_chunks_mut(cols).enumerate().for_each(|(k, row)| {
+                    let r = r0 + k;
+                    let src = perm.as_ref().map_or(r, |p| p[r] as usize);
+                    kernel(&data[src * row_bytes..(src + 1) * row_bytes], row);
+                });
+            }
+        }
+    }
+
+    /// Rows `r0..r1`, f32.
+    pub fn dequantize_rows(&self, r0: usize, r1: usize) -> Vec<f32> {
+        let mut v = vec![0f32; (r1 - r0) * self.shape[1]];
+        self.dequantize_rows_into(r0, r1, &mut v);
+        v
+    }
+
+    /// The whole dequantised weight as a tensor of [`QuantizedWeight::dtype`] (merging, DoRA's norm).
+    pub fn dequantize(&self) -> Result<Tensor> {
+        Tensor::from_vec(self.dequantize_rows(0, self.shape[0]), &self.shape, Device::Cpu)?.to_dtype(self.dtype)
+    }
+}
