@@ -17,6 +17,25 @@ pub struct TrainConfig {
     pub chat_template: Option<String>,
     #[serde(default)]
     pub adapter: AdapterSection,
+    /// Quantise the decoder's linear layers to bitsandbytes 4-bit as the model loads (QLoRA; implied
+    /// by `adapter.kind = "qlora"`). A pre-quantised bitsandbytes checkpoint loads 4-bit anyway.
+    #[serde(default)]
+    pub load_in_4bit: bool,
+    /// `"nf4"` (default) or `"fp4"`.
+    #[serde(default = "d_quant_type")]
+    pub bnb_4bit_quant_type: String,
+    /// Quantise the block scales too (default true, as QLoRA recipes set it).
+    #[serde(default = "d_true")]
+    pub bnb_4bit_use_double_quant: bool,
+    /// Values per absmax block: 32, 64 (default), 128, … 4096.
+    #[serde(default = "d_blocksize")]
+    pub bnb_4bit_blocksize: usize,
+    /// Dtype the 4-bit matmul computes in; the CPU backend computes in `"float32"`.
+    pub bnb_4bit_compute_dtype: Option<String>,
+    /// A GGUF base keeps its Q4_0/Q4_1/Q8_0 linear weights as they are stored, as the frozen
+    /// quantised base (instead of dequantising them, or re-quantising to NF4 with load_in_4bit).
+    #[serde(default)]
+    pub gguf_keep_quantized: bool,
     pub datasets: Vec<DatasetSection>,
     /// Fraction of examples held out for evaluation (0 = none).
     #[serde(default)]
@@ -140,6 +159,15 @@ fn d_seed() -> u64 {
 fn d_sample_tokens() -> usize {
     48
 }
+fn d_quant_type() -> String {
+    "nf4".into()
+}
+fn d_true() -> bool {
+    true
+}
+fn d_blocksize() -> usize {
+    64
+}
 fn d_kind() -> String {
     "lora".into()
 }
@@ -148,6 +176,21 @@ fn d_r() -> usize {
 }
 
 impl TrainConfig {
+    /// How the base model loads: 4-bit on load for QLoRA (kind `qlora` or `load_in_4bit`), GGUF blocks kept.
+    pub fn load_options(&self) -> temper_runtime::models::LoadOptions {
+        use temper_runtime::quant::{Bnb4bitConfig, QuantType};
+        let four_bit = (self.load_in_4bit || self.adapter.kind == "qlora") && !self.gguf_keep_quantized;
+        temper_runtime::models::LoadOptions {
+            dtype: temper_runtime::DType::F32,
+            quantize: four_bit.then(|| Bnb4bitConfig {
+                quant_type: QuantType::parse(&self.bnb_4bit_quant_type).unwrap_or(QuantType::Nf4),
+                blocksize: self.bnb_4bit_blocksize,
+                double_quant: self.bnb_4bit_use_double_quant,
+            }),
+            keep_gguf_quantized: self.gguf_keep_quantized,
+        }
+    }
+
     /// Reads and checks a config file; relative paths are taken from the current directory.
     pub fn from_file(path: &Path) -> Result<TrainConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -165,9 +208,23 @@ impl TrainConfig {
             return err("datasets", "at least one [[datasets]] entry is needed".into());
         }
         match self.adapter.kind.as_str() {
-            "lora" | "dora" | "none" => {}
-            "qlora" => return err("adapter.kind", "\"qlora\" needs 4-bit NF4 base weights, which arrive with the QLoRA issue; use \"lora\" for now".into()),
+            "lora" | "dora" | "qlora" | "none" => {}
             other => return err("adapter.kind", format!("`{other}` is not one of \"lora\", \"dora\", \"qlora\", \"none\"")),
+        }
+        if self.adapter.kind == "none" && (self.load_in_4bit || self.gguf_keep_quantized) {
+            return err("load_in_4bit", "a quantised base is frozen: full fine-tuning (adapter.kind = \"none\") cannot train it; use \"qlora\"".into());
+        }
+        if self.load_in_4bit && self.gguf_keep_quantized {
+            return err("gguf_keep_quantized", "choose one quantised base: the GGUF's own blocks (gguf_keep_quantized) or bitsandbytes 4-bit (load_in_4bit)".into());
+        }
+        if let Err(e) = temper_runtime::quant::QuantType::parse(&self.bnb_4bit_quant_type) {
+            return err("bnb_4bit_quant_type", e.to_string());
+        }
+        if let Err(e) = temper_runtime::quant::blockwise::check_blocksize(self.bnb_4bit_blocksize) {
+            return err("bnb_4bit_blocksize", e.to_string());
+        }
+        if let Some(d) = self.bnb_4bit_compute_dtype.as_deref().filter(|d| *d != "float32") {
+            return err("bnb_4bit_compute_dtype", format!("`{d}`: the CPU backend computes in \"float32\""));
         }
         if let Some(d) = self.device.as_deref().filter(|d| *d != "cpu") {
             return err("device", format!("`{d}`: this build has the CPU backend only (the CUDA backend arrives with its issue)"));

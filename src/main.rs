@@ -12,7 +12,9 @@ use std::time::Instant;
 use temper::formats::safetensors::{self as st, SafetensorsFiles};
 use temper::generate::{generate, GenerationConfig, Sampling};
 use temper::adapters::{Adapter, AdapterHost, Dora, Lora};
-use temper::models::{ForwardInput, Llama};
+use temper::models::{ForwardInput, Llama, LoadOptions};
+use temper::quant::{Bnb4bitConfig, QuantType};
+use temper::ModuleExt;
 use temper::module::{Module, ParamRole};
 use temper::tokenizer::Tokenizer;
 use temper::{DType, Error, Result, Tensor};
@@ -35,6 +37,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Merge a PEFT adapter into its base model and save a full Hugging Face model folder.
     Merge(MergeArgs),
+    /// Quantise a model's linear layers to bitsandbytes 4-bit and save a folder transformers loads.
+    Quantize(QuantizeArgs),
     /// Supervised fine-tuning from a TOML config (see docs/config.md).
     Train(TrainArgs),
     /// Inspect training data as the model will see it.
@@ -54,6 +58,8 @@ struct ForwardArgs {
     /// A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors), applied unmerged.
     #[arg(long)]
     adapter: Option<PathBuf>,
+    #[command(flatten)]
+    quant: QuantFlags,
     /// safetensors with input_ids (I64 [B,T]), optional attention_mask and labels.
     #[arg(long)]
     inputs: PathBuf,
@@ -71,6 +77,8 @@ struct GenerateArgs {
     model: PathBuf,
     #[arg(long)]
     adapter: Option<PathBuf>,
+    #[command(flatten)]
+    quant: QuantFlags,
     /// Prompt text.
     #[arg(long, conflicts_with = "prompt_ids")]
     prompt: Option<String>,
@@ -178,7 +186,56 @@ fn train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-#[derive(clap::Args)]
+/// How the base model's linear layers are held (QLoRA's frozen quantised base).
+#[derive(Args, Clone, Debug, Default)]
+struct QuantFlags {
+    /// Quantise the decoder's linear layers to bitsandbytes 4-bit as the model loads.
+    #[arg(long)]
+    load_in_4bit: bool,
+    /// 4-bit code table: nf4 or fp4.
+    #[arg(long, default_value = "nf4")]
+    quant_type: String,
+    /// Values per absmax block (32, 64, 128, … 4096).
+    #[arg(long, default_value_t = 64)]
+    blocksize: usize,
+    /// Keep the block scales in f32 instead of double-quantising them.
+    #[arg(long)]
+    no_double_quant: bool,
+    /// Keep a GGUF model's Q4_0/Q4_1/Q8_0 linear weights as their blocks.
+    #[arg(long)]
+    gguf_keep_quantized: bool,
+}
+
+impl QuantFlags {
+    fn bnb(&self) -> Result<Bnb4bitConfig> {
+        temper::quant::blockwise::check_blocksize(self.blocksize)?;
+        Ok(Bnb4bitConfig { quant_type: QuantType::parse(&self.quant_type)?, blocksize: self.blocksize, double_quant: !self.no_double_quant })
+    }
+
+    fn options(&self) -> Result<LoadOptions> {
+        Ok(LoadOptions { dtype: DType::F32, quantize: if self.load_in_4bit { Some(self.bnb()?) } else { None }, keep_gguf_quantized: self.gguf_keep_quantized })
+    }
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    /// A Hugging Face model folder (or a .gguf file).
+    model: PathBuf,
+    /// Output folder: config.json with quantization_config, model.safetensors, tokenizer files.
+    #[arg(long)]
+    out: PathBuf,
+    /// 4-bit code table: nf4 (default) or fp4.
+    #[arg(long, default_value = "nf4")]
+    quant_type: String,
+    /// Values per absmax block (32, 64, 128, … 4096).
+    #[arg(long, default_value_t = 64)]
+    blocksize: usize,
+    /// Keep the block scales in f32 instead of double-quantising them.
+    #[arg(long)]
+    no_double_quant: bool,
+}
+
+#[derive(Args)]
 struct MergeArgs {
     /// Base model: a Hugging Face folder or a .gguf file.
     #[arg(required_unless_present = "model_flag")]
@@ -195,27 +252,116 @@ struct MergeArgs {
     /// Output folder: config.json, model.safetensors, and the base folder's tokenizer files.
     #[arg(long)]
     out: PathBuf,
+    /// The unquantised base, when BASE is a pre-quantised checkpoint: the merge then reports how far
+    /// merging into dequant(W4) lands from merging into these weights.
+    #[arg(long)]
+    original: Option<PathBuf>,
+    #[command(flatten)]
+    quant: QuantFlags,
+}
+
+/// Merges the adapter at `adapter` into the base loaded with `opts` (dense result).
+fn merged(model: &Path, adapter: &Path, opts: &LoadOptions) -> Result<(Llama, usize)> {
+    let (m, quantised) = match load_model(model, &Some(adapter.to_path_buf()), opts)? {
+        Loaded::Base(_) => return Err(Error::format(adapter, "not an adapter folder")),
+        Loaded::Lora(m) => {
+            let q = quantised_layers(&m);
+            (m.merge_and_unload()?, q)
+        }
+        Loaded::Dora(m) => {
+            let q = quantised_layers(&m);
+            (m.merge_and_unload()?, q)
+        }
+    };
+    Ok((m, quantised))
+}
+
+fn quantised_layers<A: Adapter>(m: &Llama<A>) -> usize {
+    let mut n = 0;
+    temper::adapters::host::each_linear_ref::<A, _>(m, |_, l| n += l.weight.as_quantized().is_some() as usize).ok();
+    n
+}
+
+/// How the base was quantised during training (`temper train` writes this beside the adapter).
+fn training_quantization(adapter: &Path) -> Result<Option<LoadOptions>> {
+    let p = adapter.join(temper::sft::QUANT_SIDECAR);
+    if !p.exists() {
+        return Ok(None);
+    }
+    temper::sft::read_quant_sidecar(&p).map(Some)
 }
 
 fn merge(a: MergeArgs) -> Result<()> {
     let missing = || Error::Input("give the base model and the adapter folder: temper merge BASE ADAPTER --out DIR".into());
     let model = a.base.clone().or(a.model.clone()).ok_or_else(missing)?;
     let adapter = a.adapter_dir.clone().or(a.adapter.clone()).ok_or_else(missing)?;
-    match load_model(&model, &Some(adapter.clone()))? {
-        Loaded::Base(_) => return Err(Error::format(&adapter, "not an adapter folder")),
-        Loaded::Lora(m) => m.merge_and_unload()?.save_pretrained(&a.out)?,
-        Loaded::Dora(m) => m.merge_and_unload()?.save_pretrained(&a.out)?,
+    let mut opts = a.quant.options()?;
+    if opts.quantize.is_none() && !opts.keep_gguf_quantized {
+        // A QLoRA adapter merges into the quantised base it was trained against.
+        if let Some(t) = training_quantization(&adapter)? {
+            opts = t;
+        }
     }
-    // The merged folder should be usable on its own: bring the tokenizer and generation settings.
+    let (m, quantised) = merged(&model, &adapter, &opts)?;
+    if quantised > 0 {
+        eprintln!("merged into dequant(W4) of {quantised} quantised layers: the weights the adapter was trained against");
+        // Against merging into the unquantised weights: the base itself when it was quantised on load.
+        let original = a.original.clone().or_else(|| opts.quantize.is_some().then(|| model.clone()));
+        if let Some(orig) = original {
+            let (o, _) = merged(&orig, &adapter, &LoadOptions::dense(DType::F32))?;
+            let r = temper::quant::compare_weights(&m.base_parameters(), &o.base_parameters())?;
+            eprintln!(
+                "vs merging into the original weights ({}): max |Δw| {:.3e}, relative ‖Δw‖ {:.3e} over {} tensors ({} differ)",
+                orig.display(),
+                r.max_abs,
+                r.relative_norm,
+                r.tensors,
+                r.differing
+            );
+        }
+    }
+    m.save_pretrained(&a.out)?;
+    copy_tokenizer_files(&model, &a.out)?;
+    eprintln!("merged {} into {} and wrote {}", adapter.display(), model.display(), a.out.display());
+    Ok(())
+}
+
+/// The merged or quantised folder should be usable on its own: bring the tokenizer and generation settings.
+fn copy_tokenizer_files(model: &Path, out: &Path) -> Result<()> {
     if model.is_dir() {
         for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja"] {
             let src = model.join(f);
             if src.exists() {
-                std::fs::copy(&src, a.out.join(f)).map_err(|e| Error::io(&src, e))?;
+                std::fs::copy(&src, out.join(f)).map_err(|e| Error::io(&src, e))?;
             }
         }
     }
-    eprintln!("merged {} into {} and wrote {}", adapter.display(), model.display(), a.out.display());
+    Ok(())
+}
+
+fn quantize(a: QuantizeArgs) -> Result<()> {
+    let flags = QuantFlags { load_in_4bit: true, quant_type: a.quant_type.clone(), blocksize: a.blocksize, no_double_quant: a.no_double_quant, gguf_keep_quantized: false };
+    let cfg = flags.bnb()?;
+    let m = Llama::load_with(&a.model, &flags.options()?)?;
+    let (mut dense, mut packed, mut layers) = (0usize, 0usize, 0usize);
+    temper::adapters::host::each_linear_ref::<temper::adapters::NoAdapter, _>(&m, |_, l| {
+        if let Some(q) = l.weight.as_quantized() {
+            layers += 1;
+            dense += q.shape()[0] * q.shape()[1] * 4;
+            packed += q.bytes();
+        }
+    })?;
+    m.save_pretrained(&a.out)?;
+    copy_tokenizer_files(&a.model, &a.out)?;
+    eprintln!(
+        "quantised {layers} linear layers to {} (blocksize {}{}): {:.1} MiB of f32 weights → {:.1} MiB; wrote {}",
+        cfg.quant_type.as_str(),
+        cfg.blocksize,
+        if cfg.double_quant { ", double quant" } else { "" },
+        dense as f64 / (1 << 20) as f64,
+        packed as f64 / (1 << 20) as f64,
+        a.out.display()
+    );
     Ok(())
 }
 
@@ -235,6 +381,7 @@ fn main() -> ExitCode {
         Command::Forward(a) => forward(a),
         Command::Generate(a) => run_generate(a),
         Command::Merge(a) => merge(a),
+        Command::Quantize(a) => quantize(a),
         Command::Train(a) => train(a),
         Command::Data(DataCommand::Preview { config, n, json }) => temper::sft::preview(&config, n, json).map(|lines| {
             for l in lines {
@@ -271,8 +418,8 @@ macro_rules! with_loaded {
     };
 }
 
-fn load_model(model: &Path, adapter: &Option<PathBuf>) -> Result<Loaded> {
-    let m = Llama::load(model, DType::F32)?;
+fn load_model(model: &Path, adapter: &Option<PathBuf>, opts: &LoadOptions) -> Result<Loaded> {
+    let m = Llama::load_with(model, opts)?;
     let Some(dir) = adapter else { return Ok(Loaded::Base(m)) };
     let cfg_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
@@ -293,7 +440,7 @@ fn load_model(model: &Path, adapter: &Option<PathBuf>) -> Result<Loaded> {
 }
 
 fn forward(a: ForwardArgs) -> Result<()> {
-    with_loaded!(load_model(&a.model, &a.adapter)?, m => forward_with(m, &a))
+    with_loaded!(load_model(&a.model, &a.adapter, &a.quant.options()?)?, m => forward_with(m, &a))
 }
 
 /// The name `--grads` uses for a parameter: its PEFT key for adapter tensors, its HF name otherwise.
@@ -382,7 +529,7 @@ fn load_tokenizer(model: &Path) -> Result<Tokenizer> {
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
-    with_loaded!(load_model(&a.model, &a.adapter)?, m => generate_with(&m, &a))
+    with_loaded!(load_model(&a.model, &a.adapter, &a.quant.options()?)?, m => generate_with(&m, &a))
 }
 
 fn generate_with<A: Adapter>(model: &Llama<A>, a: &GenerateArgs) -> Result<()> {

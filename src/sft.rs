@@ -12,7 +12,7 @@ use temper_runtime::optim::AdamW;
 use temper_runtime::tokenizer::Tokenizer;
 use temper_runtime::train::sft::{self, Samples, SftOptions, SftSummary};
 use temper_runtime::train::{checkpoint, Batch, Schedule, ScheduleKind, Trainer};
-use temper_runtime::{DType, Error, ModuleExt, Result};
+use temper_runtime::{Error, ModuleExt, Result};
 
 /// A tokenizer from a Hugging Face folder or a GGUF file.
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
@@ -93,7 +93,7 @@ pub fn preview(cfg_path: &Path, n: usize, json: bool) -> Result<Vec<String>> {
 pub fn train(cfg_path: &Path, resume: bool, progress: Progress) -> Result<SftSummary> {
     let cfg = TrainConfig::from_file(cfg_path)?;
     let tok = load_tokenizer(cfg.tokenizer.as_ref().unwrap_or(&cfg.base_model))?;
-    let mut base = Llama::load(&cfg.base_model, DType::F32)?;
+    let mut base = Llama::load_with(&cfg.base_model, &cfg.load_options())?;
     if tok.vocab_size() > base.config.vocab_size {
         return Err(Error::Input(format!(
             "the tokenizer has {} tokens but {} has a vocabulary of {}: they do not belong together",
@@ -118,7 +118,8 @@ pub fn train(cfg_path: &Path, resume: bool, progress: Progress) -> Result<SftSum
     let alpha = a.alpha.unwrap_or(2.0 * a.r as f64);
     let run = Run { cfg: &cfg, cfg_path, tok: &tok, train: &train_ex, eval: &eval_ex, resume: resume || cfg.resume, progress };
     match a.kind.as_str() {
-        "lora" => {
+        // QLoRA is LoRA on the 4-bit base `load_options` gave.
+        "lora" | "qlora" => {
             let c = Lora::config(a.r, alpha).targets(targets).seed(cfg.seed).with(|h| {
                 h.lora_dropout = a.dropout;
                 h.use_rslora = a.use_rslora;
@@ -179,6 +180,9 @@ impl Run<'_> {
         };
         let resume_from = if self.resume { checkpoint::list(&cfg.output_dir)?.pop().map(|(n, _)| n) } else { None };
         let mut monitor = Monitor::new(&cfg.output_dir, total_steps, MonitorOptions { progress: self.progress, resume_from_step: resume_from })?;
+        if adapter.is_some() {
+            write_quant_sidecar(&cfg.output_dir, &cfg.load_options())?;
+        }
         let prompts = self.sample_prompts()?;
         let samples = (!prompts.is_empty()).then(|| Samples { prompts, tokenizer: self.tok, max_new_tokens: cfg.sample_max_new_tokens });
         let opts = SftOptions {
@@ -233,6 +237,53 @@ impl Run<'_> {
 }
 
 /// Where `temper train` puts its outputs (for messages).
+/// The file beside a trained adapter that says how its base was quantised during training, so that
+/// `temper merge` merges into the same dequant(W4) (PEFT's adapter_config.json has no such field).
+pub const QUANT_SIDECAR: &str = "temper_quantization.json";
+
+/// Writes [`QUANT_SIDECAR`] into `dir` when the base is quantised (removes a stale one otherwise).
+fn write_quant_sidecar(dir: &Path, opts: &temper_runtime::models::LoadOptions) -> Result<()> {
+    let p = dir.join(QUANT_SIDECAR);
+    let json = match (opts.quantize, opts.keep_gguf_quantized) {
+        (Some(c), _) => serde_json::json!({
+            "load_in_4bit": true,
+            "bnb_4bit_quant_type": c.quant_type.as_str(),
+            "bnb_4bit_blocksize": c.blocksize,
+            "bnb_4bit_use_double_quant": c.double_quant,
+        }),
+        (None, true) => serde_json::json!({ "gguf_keep_quantized": true }),
+        (None, false) => {
+            if p.exists() {
+                std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+            }
+            return Ok(());
+        }
+    };
+    let text = serde_json::to_string_pretty(&json).map_err(|e| Error::Input(e.to_string()))?;
+    temper_runtime::formats::safetensors::write_atomic(&p, text.as_bytes())
+}
+
+/// Reads [`QUANT_SIDECAR`]: the load options that reproduce the training base.
+pub fn read_quant_sidecar(p: &Path) -> Result<temper_runtime::models::LoadOptions> {
+    use temper_runtime::quant::{Bnb4bitConfig, QuantType};
+    let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::format(p, format!("invalid JSON: {e}")))?;
+    let key_err = |key: &str, msg: &str| Error::Config { path: p.into(), key: key.into(), msg: msg.into() };
+    let mut opts = temper_runtime::models::LoadOptions::dense(temper_runtime::DType::F32);
+    opts.keep_gguf_quantized = v.get("gguf_keep_quantized").and_then(|b| b.as_bool()).unwrap_or(false);
+    if v.get("load_in_4bit").and_then(|b| b.as_bool()).unwrap_or(false) {
+        let qt = v.get("bnb_4bit_quant_type").and_then(|t| t.as_str()).ok_or_else(|| key_err("bnb_4bit_quant_type", "missing or not a string"))?;
+        let blocksize = v.get("bnb_4bit_blocksize").and_then(|b| b.as_u64()).ok_or_else(|| key_err("bnb_4bit_blocksize", "missing or not an integer"))? as usize;
+        temper_runtime::quant::blockwise::check_blocksize(blocksize).map_err(|e| key_err("bnb_4bit_blocksize", &e.to_string()))?;
+        opts.quantize = Some(Bnb4bitConfig {
+            quant_type: QuantType::parse(qt).map_err(|e| key_err("bnb_4bit_quant_type", &e.to_string()))?,
+            blocksize,
+            double_quant: v.get("bnb_4bit_use_double_quant").and_then(|b| b.as_bool()).unwrap_or(true),
+        });
+    }
+    Ok(opts)
+}
+
 pub fn output_dir(cfg_path: &Path) -> Result<PathBuf> {
     Ok(TrainConfig::from_file(cfg_path)?.output_dir)
 }

@@ -232,3 +232,92 @@ fn prequantised_model_saves_back_the_same_tensors() {
     }
     std::fs::remove_dir_all(&out).ok();
 }
+
+/// `temper quantize` of the float fixture writes what transformers + bitsandbytes wrote for the same
+/// model: identical packed codes and absmax codes; the double-quant offset is the correctly rounded
+/// mean (torch's SIMD reduction may land one ulp away), so the nested absmax may differ slightly.
+/// tools/check_temper_quantized.py loads temper's output in transformers (result committed).
+#[test]
+fn temper_quantize_writes_the_bytes_bitsandbytes_writes() {
+    let dir = common::scratch_dir("quantize-cli");
+    let out = dir.join("q");
+    let (ok, _, err) = common::temper(&["quantize", fixture("models/llama_gqa_llama3rope").to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(err.contains("quantised 14 linear layers to nf4 (blocksize 64, double quant)"), "{err}");
+    let ours = SafetensorsFiles::open_dir(&out).unwrap();
+    let theirs = SafetensorsFiles::open_dir(&fixture("models/llama_bnb4bit")).unwrap();
+    let mut keys: Vec<String> = theirs.names().map(String::from).collect();
+    keys.sort();
+    let mut mine: Vec<String> = ours.names().map(String::from).collect();
+    mine.sort();
+    assert_eq!(mine, keys);
+    for k in keys.iter().filter(|k| k.ends_with(".weight") || k.ends_with(".weight.absmax")) {
+        let (a, b) = (ours.load(k).unwrap(), theirs.load(k).unwrap());
+        assert_eq!(a.dtype(), b.dtype(), "{k}");
+        if a.dtype() == temper::DType::U8 {
+            assert_eq!(a.to_vec::<u8>().unwrap(), b.to_vec::<u8>().unwrap(), "{k}");
+        } else {
+            assert_eq!(bits(&a.to_vec::<f32>().unwrap()), bits(&b.to_vec::<f32>().unwrap()), "{k}");
+        }
+    }
+    for k in keys.iter().filter(|k| k.contains(".quant_state.")) {
+        let ja: serde_json::Value = serde_json::from_slice(&ours.load(k).unwrap().to_vec::<u8>().unwrap()).unwrap();
+        let jb: serde_json::Value = serde_json::from_slice(&theirs.load(k).unwrap().to_vec::<u8>().unwrap()).unwrap();
+        let (oa, ob) = (ja["nested_offset"].as_f64().unwrap() as f32, jb["nested_offset"].as_f64().unwrap() as f32);
+        assert!((oa.to_bits() as i64 - ob.to_bits() as i64).abs() <= 1, "{k}: offset {oa} vs {ob}");
+        for field in ["quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype"] {
+            assert_eq!(ja[field], jb[field], "{k}: {field}");
+        }
+    }
+    let check: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("quant/temper_quantized_check.json")).unwrap()).unwrap();
+    assert_eq!(check["passed"], true, "transformers did not load temper's quantised model: {check}");
+}
+
+/// Broken pre-quantised checkpoints are errors naming the tensor, through the CLI.
+#[test]
+fn broken_prequantised_checkpoints_name_the_tensor() {
+    use std::collections::HashMap;
+    let src = fixture("models/llama_bnb4bit");
+    let files = SafetensorsFiles::open_dir(&src).unwrap();
+    let all: Vec<(String, temper::Tensor)> = files.names().map(|k| (k.to_string(), files.load(k).unwrap())).collect();
+    let p = "model.layers.1.mlp.down_proj.weight";
+    let state = format!("{p}.quant_state.bitsandbytes__nf4");
+    let blob = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut j: serde_json::Value = serde_json::from_slice(&files.load(&state).unwrap().to_vec::<u8>().unwrap()).unwrap();
+        f(&mut j);
+        let b = j.to_string().into_bytes();
+        let n = b.len();
+        temper::Tensor::from_vec(b, &[n], temper::Device::Cpu).unwrap()
+    };
+    let cases: Vec<(&str, HashMap<String, Option<temper::Tensor>>, Vec<String>)> = vec![
+        ("missing-state", HashMap::from([(state.clone(), None)]), vec![state.clone()]),
+        ("bad-json", HashMap::from([(state.clone(), Some(temper::Tensor::from_vec(b"{\"quant_type\": ".to_vec(), &[15], temper::Device::Cpu).unwrap()))]), vec![state.clone(), "does not parse".into()]),
+        ("bad-blocksize", HashMap::from([(state.clone(), Some(blob(&|j| j["blocksize"] = 48.into())))]), vec![state.clone(), "blocksize 48".into()]),
+        ("bad-shape", HashMap::from([(state.clone(), Some(blob(&|j| j["shape"] = serde_json::json!([32, 130]))))]), vec![format!("{p}")]),
+        ("missing-absmax", HashMap::from([(format!("{p}.absmax"), None)]), vec![format!("{p}.absmax")]),
+    ];
+    for (name, change, want) in cases {
+        let d = common::scratch_dir(&format!("bnb-broken-{name}"));
+        for f in ["config.json", "generation_config.json"] {
+            std::fs::copy(src.join(f), d.join(f)).unwrap();
+        }
+        let tensors: Vec<(String, temper::Tensor)> = all
+            .iter()
+            .filter_map(|(k, t)| match change.get(k) {
+                None => Some((k.clone(), t.clone())),
+                Some(None) => None,
+                Some(Some(r)) => Some((k.clone(), r.clone())),
+            })
+            .collect();
+        temper::formats::safetensors::save(&d.join("model.safetensors"), &tensors, None).unwrap();
+        let (ok, _, err) = common::temper(&["generate", "--model", d.to_str().unwrap(), "--prompt-ids", "1,2", "--max-new-tokens", "1"]);
+        assert!(!ok, "{name}: loaded");
+        assert!(!err.contains("panicked"), "{name}: {err}");
+        for w in &want {
+            assert!(err.contains(w.as_str()), "{name}: error does not mention `{w}`:\n{err}");
+        }
+    }
+    // A block size bitsandbytes does not allow, asked for on the command line.
+    let (ok, _, err) = common::temper(&["quantize", fixture("models/llama_gqa_llama3rope").to_str().unwrap(), "--out", "/tmp/never", "--blocksize", "48"]);
+    assert!(!ok && err.contains("blocksize 48"), "{err}");
+}

@@ -183,6 +183,8 @@ struct GgufSource<'a> {
     heads: (usize, usize),
     dtype: DType,
     keep_quantized: bool,
+    /// Re-quantise the (dequantised) linear weights to bitsandbytes 4-bit.
+    quantize: Option<Bnb4bitConfig>,
 }
 
 impl GgufSource<'_> {
@@ -217,6 +219,9 @@ impl WeightSource for GgufSource<'_> {
         let gname = self.gguf_name(&name)?.clone();
         let info = self.g.tensor_info(&gname).ok_or_else(|| Error::MissingTensor { path: self.path.into(), name: gname.clone() })?;
         let ty = info.ggml_type;
+        if let Some(cfg) = self.quantize {
+            return Ok(LinearWeight::Quantized(Arc::new(QuantizedWeight::quantize_bnb(&self.tensor(&name, &shape)?, cfg)?)));
+        }
         if !self.keep_quantized || !matches!(ty, gguf::GgmlType::Q4_0 | gguf::GgmlType::Q4_1 | gguf::GgmlType::Q8_0) {
             return Ok(LinearWeight::Dense(self.tensor(&name, &shape)?));
         }
@@ -276,12 +281,14 @@ impl WeightSource for HfSource<'_> {
     }
     fn linear(&mut self, module: &str, shape: [usize; 2]) -> Result<LinearWeight> {
         let w = format!("{module}.weight");
-        for qt in ["nf4", "fp4"] {
-            let key = format!("{w}.quant_state.bitsandbytes__{qt}");
-            if self.files.contains(&key) {
-                let q = QuantizedWeight::from_bnb(Nf4Weight::from_safetensors(self.files, module)?, &key)?;
-                return Ok(LinearWeight::Quantized(Arc::new(q)));
-            }
+        // Any of bitsandbytes' state tensors marks a 4-bit layer; a missing one is then an error
+        // naming it (not a confusing shape error on the packed codes).
+        let bnb = ["quant_state.bitsandbytes__nf4", "quant_state.bitsandbytes__fp4", "absmax", "quant_map"].iter().any(|k| self.files.contains(&format!("{w}.{k}")));
+        if bnb {
+            let state_key = if self.files.contains(&format!("{w}.quant_state.bitsandbytes__fp4")) { "fp4" } else { "nf4" };
+            let key = format!("{w}.quant_state.bitsandbytes__{state_key}");
+            let q = QuantizedWeight::from_bnb(Nf4Weight::from_safetensors(self.files, module)?, &key)?;
+            return Ok(LinearWeight::Quantized(Arc::new(q)));
         }
         match self.quantize {
             None => Ok(LinearWeight::Dense(self.files.load_as(&w, &shape, self.dtype)?)),
@@ -623,10 +630,10 @@ impl Llama {
             let files = SafetensorsFiles::open_dir(path)?;
             Self::from_weights(config, &mut HfSource { files: &files, dtype: opts.dtype, quantize: opts.quantize })
         } else if path.extension().is_some_and(|e| e == "gguf") {
-            if opts.quantize.is_some() {
-                return Err(Error::Input(format!("{}: quantising a GGUF model to bitsandbytes 4-bit on load is not supported; keep its own blocks (keep_gguf_quantized) or quantise a Hugging Face folder", path.display())));
+            if opts.quantize.is_some() && opts.keep_gguf_quantized {
+                return Err(Error::Input(format!("{}: choose one quantised base, the GGUF's own blocks or bitsandbytes 4-bit", path.display())));
             }
-            Self::gguf_with(path, opts.dtype, opts.keep_gguf_quantized)
+            Self::gguf_with(path, opts.dtype, opts.keep_gguf_quantized, opts.quantize)
         } else {
             Self::load(path, opts.dtype)
         }
@@ -640,10 +647,10 @@ impl Llama {
 
     /// Loads a llama-architecture GGUF: dequantises to `dtype` and undoes llama.cpp's q/k row permutation.
     pub fn from_gguf(path: &Path, dtype: DType) -> Result<Llama> {
-        Self::gguf_with(path, dtype, false)
+        Self::gguf_with(path, dtype, false, None)
     }
 
-    fn gguf_with(path: &Path, dtype: DType, keep_quantized: bool) -> Result<Llama> {
+    fn gguf_with(path: &Path, dtype: DType, keep_quantized: bool, quantize: Option<Bnb4bitConfig>) -> Result<Llama> {
         let g = GgufFile::open(path)?;
         let config = gguf_config(&g)?;
         let mut by_hf = std::collections::HashMap::new();
@@ -653,7 +660,7 @@ impl Llama {
             }
         }
         let heads = (config.num_attention_heads, config.num_key_value_heads);
-        Self::from_weights(config, &mut GgufSource { g: &g, path, by_hf, heads, dtype, keep_quantized })
+        Self::from_weights(config, &mut GgufSource { g: &g, path, by_hf, heads, dtype, keep_quantized, quantize })
     }
     /// Hugging Face's causal-LM loss: logits at t predict labels at t+1 (−100 ignored), mean over counted tokens.
     pub fn loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {

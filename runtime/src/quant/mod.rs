@@ -12,4 +12,4 @@ pub mod weight;
 pub use blockwise::{dequantize_4bit, double_dequantize, double_quantize, quantize_4bit};
 pub use codes::QuantType;
 pub use state::{Absmax, Nf4Weight, QuantState};
-pub use weight::{Bnb4bitConfig, QuantizedWeight};
+pub use weight::{compare_weights, Bnb4bitConfig, QuantizedWeight, WeightDiff};

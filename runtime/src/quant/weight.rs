@@ -218,3 +218,39 @@ impl QuantizedWeight {
         Tensor::from_vec(self.dequantize_rows(0, self.shape[0]), &self.shape, Device::Cpu)?.to_dtype(self.dtype)
     }
 }
+
+/// How far two sets of named weights are apart (a QLoRA merge into dequant(W4) against the merge
+/// into the original weights).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WeightDiff {
+    /// Largest |a − b| over every value.
+    pub max_abs: f64,
+    /// ‖a − b‖ / ‖b‖ over all values together.
+    pub relative_norm: f64,
+    /// Tensors compared, and how many of them differ at all.
+    pub tensors: usize,
+    pub differing: usize,
+}
+
+/// Compares `a` with `b` by name; a name missing from `b` or a shape mismatch is an error naming it.
+pub fn compare_weights(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> Result<WeightDiff> {
+    let by_name: std::collections::HashMap<&str, &Tensor> = b.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let (mut max_abs, mut diff2, mut norm2, mut differing) = (0f64, 0f64, 0f64, 0usize);
+    for (name, ta) in a {
+        let tb = by_name.get(name.as_str()).ok_or_else(|| Error::MissingTensor { path: "the original model".into(), name: name.clone() })?;
+        if ta.shape() != tb.shape() {
+            return Err(Error::BadTensor { name: name.clone(), msg: format!("shape {:?} vs {:?} in the original model", ta.shape(), tb.shape()) });
+        }
+        let (va, vb) = (ta.to_f64_vec()?, tb.to_f64_vec()?);
+        let mut any = false;
+        for (x, y) in va.iter().zip(&vb) {
+            let d = (x - y).abs();
+            any |= d > 0.0;
+            max_abs = max_abs.max(d);
+            diff2 += d * d;
+            norm2 += y * y;
+        }
+        differing += any as usize;
+    }
+    Ok(WeightDiff { max_abs, relative_norm: if norm2 > 0.0 { (diff2 / norm2).sqrt() } else { diff2.sqrt() }, tensors: a.len(), differing })
+}
