@@ -260,7 +260,8 @@ struct MergeArgs {
     quant: QuantFlags,
 }
 
-/// Merges the adapter at `adapter` into the base loaded with `opts` (dense result).
+/// Merges the adapter at `adapter` into the base loaded with `opts`; a quantised base gives a dense
+/// model of its dequantised weights (adapted or not). Also returns how many layers were quantised.
 fn merged(model: &Path, adapter: &Path, opts: &LoadOptions) -> Result<(Llama, usize)> {
     let (m, quantised) = match load_model(model, &Some(adapter.to_path_buf()), opts)? {
         Loaded::Base(_) => return Err(Error::format(adapter, "not an adapter folder")),
@@ -273,6 +274,9 @@ fn merged(model: &Path, adapter: &Path, opts: &LoadOptions) -> Result<(Llama, us
             (m.merge_and_unload()?, q)
         }
     };
+    // Layers without the adapter are written as dequant(W4) too: the whole model as trained.
+    let mut m = m;
+    m.dequantize_linears()?;
     Ok((m, quantised))
 }
 

@@ -116,10 +116,55 @@ fn bad_configs_name_the_key() {
     assert!(e.contains("`bf16`"), "{e}");
     let e = run("lr_scheduler = \"exp\"");
     assert!(e.contains("lr_scheduler") && e.contains("exp"), "{e}");
-    let cfg = std::fs::read_to_string(write_config(&dir, &data, "")).unwrap().replace("kind = \"lora\"", "kind = \"qlora\"");
+    let e = run("load_in_4bit = true\nbnb_4bit_blocksize = 48");
+    assert!(e.contains("bnb_4bit_blocksize") && e.contains("48"), "{e}");
+    let e = run("load_in_4bit = true\nbnb_4bit_quant_type = \"int4\"");
+    assert!(e.contains("bnb_4bit_quant_type") && e.contains("int4"), "{e}");
+    let e = run("bnb_4bit_compute_dtype = \"bfloat16\"");
+    assert!(e.contains("bnb_4bit_compute_dtype"), "{e}");
+    let cfg = std::fs::read_to_string(write_config(&dir, &data, "load_in_4bit = true")).unwrap().replace("kind = \"lora\"", "kind = \"none\"");
     std::fs::write(dir.join("q.toml"), cfg).unwrap();
     let (ok, _, e) = temper(&["train", dir.join("q.toml").to_str().unwrap()]);
-    assert!(!ok && e.contains("adapter.kind") && e.contains("QLoRA"), "{e}");
+    assert!(!ok && e.contains("load_in_4bit") && e.contains("frozen"), "{e}");
+}
+
+/// QLoRA end to end: `adapter.kind = "qlora"` trains LoRA on an NF4 base quantised on load, the
+/// loss falls, the adapter records its base's quantisation, and `temper merge` merges into
+/// dequant(W4), reporting the distance from merging into the original weights.
+#[test]
+fn qlora_trains_on_a_4bit_base_and_merges_into_it() {
+    let dir = scratch_dir("cli-qlora");
+    let cfg = write_config(&dir, &write_data(&dir, 60), "bnb_4bit_blocksize = 32");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("kind = \"lora\"", "kind = \"qlora\"").replace("max_steps = 6", "max_steps = 12");
+    std::fs::write(&cfg, text).unwrap();
+    let (ok, _, err) = temper(&["train", cfg.to_str().unwrap(), "--progress", "off"]);
+    assert!(ok, "{err}");
+    let out = dir.join("out");
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let losses: Vec<f64> = rows.iter().filter_map(|r| r.get("loss").and_then(|l| l.as_f64())).collect();
+    assert_eq!(losses.len(), 12);
+    let (first, last) = (losses[..3].iter().sum::<f64>() / 3.0, losses[9..].iter().sum::<f64>() / 3.0);
+    assert!(last < 0.9 * first, "QLoRA loss did not fall: {losses:?}");
+    let side: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("temper_quantization.json")).unwrap()).unwrap();
+    assert_eq!(side, serde_json::json!({"load_in_4bit": true, "bnb_4bit_quant_type": "nf4", "bnb_4bit_blocksize": 32, "bnb_4bit_use_double_quant": true}));
+
+    let base = fixture("models/llama_gqa_llama3rope");
+    let merged = dir.join("merged");
+    let (ok, _, err) = temper(&["merge", base.to_str().unwrap(), out.to_str().unwrap(), "--out", merged.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(err.contains("merged into dequant(W4) of 14 quantised layers"), "{err}");
+    let report = err.lines().find(|l| l.contains("vs merging into the original weights")).unwrap_or_else(|| panic!("no report: {err}"));
+    let num = |key: &str| -> f64 { report.split(key).nth(1).unwrap().split_whitespace().next().unwrap().trim_end_matches(',').parse().unwrap() };
+    let (max_abs, rel) = (num("max |Δw| "), num("relative ‖Δw‖ "));
+    // NF4 rounding: nonzero, and a few percent of the weights' norm (each value moves at most
+    // 0.139 × its block's absmax, half the widest gap of the NF4 table).
+    assert!(max_abs > 0.0 && rel > 0.005 && rel < 0.2, "{report}");
+    // The merged model is dense and gives the 4-bit model-plus-adapter's outputs.
+    let ids = "1,5,6,7";
+    let (ok, a, e1) = temper(&["generate", "--model", merged.to_str().unwrap(), "--prompt-ids", ids, "--max-new-tokens", "4", "--greedy"]);
+    let (ok2, b, e2) = temper(&["generate", "--model", base.to_str().unwrap(), "--load-in-4bit", "--blocksize", "32", "--adapter", out.to_str().unwrap(), "--prompt-ids", ids, "--max-new-tokens", "4", "--greedy"]);
+    assert!(ok && ok2, "{e1}\n{e2}");
+    assert_eq!(a, b, "merged model vs 4-bit base + adapter");
 }
 
 #[test]

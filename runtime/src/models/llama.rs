@@ -237,6 +237,42 @@ impl WeightSource for GgufSource<'_> {
     }
 }
 
+/// Another model's weights as a [`WeightSource`]: its tensors by name and its linear weights as
+/// they are (a quantised weight is shared, not copied or dequantised).
+struct ModelSource {
+    params: std::collections::HashMap<String, Tensor>,
+    linears: std::collections::HashMap<String, LinearWeight>,
+}
+
+impl ModelSource {
+    /// The parameters of `m` (detached when `detach`: a merged model is a new frozen base).
+    fn of<A: Adapter>(m: &Llama<A>, detach: bool) -> Result<ModelSource> {
+        let keep = |t: &Tensor| if detach { t.detach() } else { t.clone() };
+        let params = m.named_parameters().into_iter().map(|(n, t)| (n, keep(&t))).collect();
+        let mut linears = std::collections::HashMap::new();
+        crate::adapters::host::each_linear_ref::<A, _>(m, |name, l| {
+            let w = match &l.weight {
+                LinearWeight::Dense(t) => LinearWeight::Dense(keep(t)),
+                q => q.clone(),
+            };
+            linears.insert(name.to_string(), w);
+        })?;
+        Ok(ModelSource { params, linears })
+    }
+}
+
+impl WeightSource for ModelSource {
+    fn tensor(&mut self, name: &str, _shape: &[usize]) -> Result<Tensor> {
+        self.params.get(name).cloned().ok_or_else(|| Error::Input(format!("internal: no parameter `{name}`")))
+    }
+    fn linear(&mut self, module: &str, shape: [usize; 2]) -> Result<LinearWeight> {
+        match self.linears.get(module) {
+            Some(w) => Ok(w.clone()),
+            None => Ok(LinearWeight::Dense(self.tensor(&format!("{module}.weight"), &shape)?)),
+        }
+    }
+}
+
 /// How [`Llama::load_with`] treats the weights.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoadOptions {
@@ -373,10 +409,8 @@ impl<A: Adapter> Llama<A> {
         for name in self.adapter_names() {
             self.merge_adapter(&name)?;
         }
-        let params: std::collections::HashMap<String, Tensor> = self.base_parameters().into_iter().collect();
-        Llama::from_source(self.config.clone(), &mut |name, _| {
-            params.get(name).map(|t| t.detach()).ok_or_else(|| Error::Input(format!("internal: no parameter `{name}`")))
-        })
+        let mut src = ModelSource::of(&self, true)?;
+        Llama::from_weights(self.config.clone(), &mut src)
     }
 
     /// Writes a Hugging Face model folder (`config.json` + `model.safetensors`, both atomic) that
@@ -409,6 +443,21 @@ impl<A: Adapter> Llama<A> {
         let mut meta = std::collections::HashMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         crate::formats::safetensors::save(&dir.join("model.safetensors"), &self.base_parameters(), Some(meta))
+    }
+
+    /// Replaces every quantised linear weight by its dequantised values (dense, frozen): the exact
+    /// model a QLoRA adapter was trained against, as an ordinary checkpoint. Returns how many layers
+    /// were quantised.
+    pub fn dequantize_linears(&mut self) -> Result<usize> {
+        let mut n = 0;
+        crate::adapters::host::each_linear::<A, _>(self, |_, l| {
+            if let LinearWeight::Quantized(q) = &l.weight {
+                l.weight = LinearWeight::Dense(q.dequantize()?);
+                n += 1;
+            }
+            Ok(())
+        })?;
+        Ok(n)
     }
 
     /// The `quantization_config` transformers reads for a bitsandbytes 4-bit model (None when no
@@ -681,10 +730,8 @@ impl Llama {
 
     /// This model with linear layers able to carry adapters of type `B` (none attached yet).
     pub fn into_adapter_type<B: Adapter>(self) -> Result<Llama<B>> {
-        let params: std::collections::HashMap<String, Tensor> = self.named_parameters().into_iter().collect();
-        let mut m = Llama::from_source(self.config, &mut |name, _| {
-            params.get(name).cloned().ok_or_else(|| Error::Input(format!("internal: no parameter `{name}`")))
-        })?;
+        let mut src = ModelSource::of(&self, false)?;
+        let mut m = Llama::from_weights(self.config, &mut src)?;
         m.gradient_checkpointing = self.gradient_checkpointing;
         Ok(m)
     }
