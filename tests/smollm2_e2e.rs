@@ -108,3 +108,45 @@ fn stop_strings_and_seeded_sampling() {
     };
     assert_eq!(sampled(7), sampled(7), "the same seed gives the same samples");
 }
+
+/// SmolLM2 as a true 4-bit base: its Q4_1 linear weights stay as GGUF blocks (read tile by tile,
+/// q/k rows through llama.cpp's permutation), give the logits of the dequantised model, and LoRA
+/// trains on top.
+#[test]
+fn gguf_blocks_stay_quantised_as_a_frozen_base_and_lora_trains_on_it() {
+    use temper::adapters::{host::each_linear_ref, Lora, NoAdapter, Targets};
+    use temper::models::LoadOptions;
+    let Some(path) = common::smollm2() else { return };
+    let dense = Llama::load(&path, DType::F32).unwrap();
+    let opts = LoadOptions { keep_gguf_quantized: true, ..LoadOptions::dense(DType::F32) };
+    let q = Llama::load_with(&path, &opts).unwrap();
+    let (mut n, mut bytes, mut f32_bytes) = (0, 0, 0);
+    each_linear_ref::<NoAdapter, _>(&q, |_, l| {
+        if let Some(w) = l.weight.as_quantized() {
+            n += 1;
+            bytes += w.bytes();
+            f32_bytes += 4 * w.shape()[0] * w.shape()[1];
+        }
+    })
+    .unwrap();
+    assert_eq!(n, 30 * 7, "every decoder linear stays quantised");
+    eprintln!("SmolLM2 Q4_1 linears kept quantised: {bytes} bytes vs {f32_bytes} as f32 ({:.3}×)", bytes as f64 / f32_bytes as f64);
+    assert!(bytes * 5 < f32_bytes, "Q4_1 is 5 bits per weight");
+    let ids: Vec<i64> = vec![1, 504, 3458, 28, 549, 314, 253, 1789];
+    let input = ForwardInput::ids(Tensor::from_vec(ids.clone(), &[1, 8], Device::Cpu).unwrap());
+    let (a, b) = (dense.forward(&input).unwrap().to_vec::<f32>().unwrap(), q.forward(&input).unwrap().to_vec::<f32>().unwrap());
+    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    eprintln!("SmolLM2 logits, GGUF blocks kept vs dequantised on load: max |Δ| {d:e}");
+    assert!(d < 1e-3, "max |Δlogit| {d}");
+
+    let model = q.with_adapter("default", &Lora::config(4, 8.0).targets(Targets::names(["q_proj", "v_proj"]))).unwrap();
+    let mut t = temper::train::Trainer::new(model, temper::loss::ce(), temper::optim::AdamW::lr(1e-3));
+    let batch = temper::train::Batch { input, labels: Tensor::from_vec(ids, &[1, 8], Device::Cpu).unwrap() };
+    let first = t.step(&batch).unwrap().loss;
+    let mut last = first;
+    for _ in 0..5 {
+        last = t.step(&batch).unwrap().loss;
+    }
+    eprintln!("LoRA on the Q4_1 base: loss {first:.4} → {last:.4} in 6 steps");
+    assert!(last < first, "loss {first} → {last}");
+}

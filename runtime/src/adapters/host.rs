@@ -241,20 +241,21 @@ pub trait AdapterHost: Module {
 impl<M: Module + ?Sized> AdapterHost for M {}
 
 /// [`Adapter::after_init`] on a layer's weight. A quantised base is handed over dequantised only to
-/// adapters that rewrite it ([`Adapter::REWRITES_BASE`]), and quantised again afterwards with its
-/// own parameters, as PEFT does for OLoRA/PiSSA on bitsandbytes layers.
+/// adapters that may rewrite it ([`Adapter::REWRITES_BASE`]), and if the hook did rewrite it, it is
+/// quantised again with its own parameters, as PEFT does for OLoRA/PiSSA on bitsandbytes layers.
 fn run_after_init<A: Adapter>(adapter: &mut A, weight: &mut LinearWeight, module: &str) -> Result<()> {
     match weight {
         LinearWeight::Dense(t) => adapter.after_init(t),
         LinearWeight::Quantized(_) if !A::REWRITES_BASE => Ok(()),
         LinearWeight::Quantized(q) => {
-            let cfg = q.bnb_config().ok_or_else(|| {
-                Error::Input(format!("`{module}`: a `{}` adapter rewrites the base weight, which a GGUF-quantised base cannot take (use plain LoRA)", A::NAME))
-            })?;
+            // One layer dequantised at a time; most hooks (plain LoRA's) leave it untouched.
             let mut dense = q.dequantize()?;
             let before = dense.id();
             adapter.after_init(&mut dense)?;
             if dense.id() != before {
+                let cfg = q.bnb_config().ok_or_else(|| {
+                    Error::Input(format!("`{module}`: this `{}` initialisation rewrites the base weight, which a GGUF-quantised base cannot take (use the default initialisation)", A::NAME))
+                })?;
                 *weight = LinearWeight::Quantized(std::sync::Arc::new(crate::quant::QuantizedWeight::quantize_bnb(&dense, cfg)?));
             }
             Ok(())

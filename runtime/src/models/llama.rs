@@ -274,6 +274,16 @@ impl WeightSource for ModelSource {
 }
 
 /// How [`Llama::load_with`] treats the weights.
+///
+/// ```no_run
+/// use temper_runtime::models::{Llama, LoadOptions};
+/// use temper_runtime::quant::Bnb4bitConfig;
+/// use temper_runtime::DType;
+/// // QLoRA's base: every decoder linear NF4 with blocks of 64 and double-quantised scales.
+/// let opts = LoadOptions { quantize: Some(Bnb4bitConfig::default()), ..LoadOptions::dense(DType::F32) };
+/// let base = Llama::load_with("path/to/hf-model".as_ref(), &opts)?;
+/// # Ok::<(), temper_runtime::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoadOptions {
     /// The dtype of the dense weights.
