@@ -1230,6 +1230,19 @@ fn permute_rows(w: &[f32], rows: usize, cols: usize, n_head: usize, to_gguf: boo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qk_row_perm_is_the_row_map_of_unpermute() {
+        let (rows, cols, heads) = (12, 3, 3);
+        let w: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        let hf = unpermute_qk(&w, rows, cols, heads);
+        let perm = qk_row_perm(rows, heads).unwrap();
+        for r in 0..rows {
+            let p = perm[r] as usize;
+            assert_eq!(hf[r * cols..(r + 1) * cols], w[p * cols..(p + 1) * cols], "row {r}");
+        }
+        assert!(qk_row_perm(10, 3).is_none());
+    }
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// A tiny GGUF writer for synthetic test files.

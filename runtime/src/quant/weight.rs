@@ -79,6 +79,33 @@ fn u8_slice(s: &Storage) -> &[u8] {
     }
 }
 
+/// What dequantised values can be written as: f32 (work) and f64 (gradient checks).
+pub trait DequantOut: Copy + Send + Sync + 'static {
+    fn from_f32(v: f32) -> Self;
+    /// The slice itself when it already is f32 (so GGUF kernels write into it directly).
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]>;
+}
+
+impl DequantOut for f32 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> f32 {
+        v
+    }
+    fn as_f32_mut(s: &mut [f32]) -> Option<&mut [f32]> {
+        Some(s)
+    }
+}
+
+impl DequantOut for f64 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> f64 {
+        v as f64
+    }
+    fn as_f32_mut(_: &mut [f64]) -> Option<&mut [f32]> {
+        None
+    }
+}
+
 impl QuantizedWeight {
     /// A bitsandbytes 4-bit weight read from a checkpoint (see [`Nf4Weight::from_safetensors`]).
     pub fn from_bnb(w: Nf4Weight, state_key: &str) -> Result<QuantizedWeight> {
@@ -176,31 +203,50 @@ impl QuantizedWeight {
         }
     }
 
-    /// Writes rows `r0..r1` of the dequantised weight (f32, row-major) into `out`.
-    pub fn dequantize_rows_into(&self, r0: usize, r1: usize, out: &mut [f32]) {
+    /// Writes rows `r0..r1` of the dequantised weight (row-major) into `out`, as f32 or f64.
+    pub fn dequantize_rows_into<T: DequantOut>(&self, r0: usize, r1: usize, out: &mut [T]) {
         let cols = self.shape[1];
         debug_assert_eq!(out.len(), (r1 - r0) * cols);
         match &self.format {
             Format::Bnb { code, absmax, blocksize, tensors, .. } => {
                 let guard = tensors[0].1.storage();
                 let packed = u8_slice(&guard);
-                let base = r0 * cols;
-                out.par_chunks_mut(4096).enumerate().for_each(|(c, chunk)| {
-                    let start = base + c * 4096;
-                    for (j, o) in chunk.iter_mut().enumerate() {
-                        let i = start + j;
-                        let byte = packed[i / 2];
-                        let q = if i % 2 == 0 { byte >> 4 } else { byte & 0x0F };
-                        *o = code[q as usize] * absmax[i / blocksize];
+                let (base, bs) = (r0 * cols, *blocksize);
+                let odd = base % 2;
+                // Chunks of an even length that start on a byte (the first absorbs an odd start).
+                let first = if odd == 1 { 1 } else { 0 };
+                let (head, rest) = out.split_at_mut(first.min(out.len()));
+                for (k, o) in head.iter_mut().enumerate() {
+                    let i = base + k;
+                    *o = T::from_f32(code[(packed[i / 2] & 0x0F) as usize] * absmax[i / bs]);
+                }
+                let start = base + first;
+                rest.par_chunks_mut(4096).enumerate().for_each(|(c, chunk)| {
+                    let mut i = start + c * 4096;
+                    // Both values of a byte share a block: blocksizes are even.
+                    for pair in chunk.chunks_mut(2) {
+                        let (byte, s) = (packed[i / 2], absmax[i / bs]);
+                        pair[0] = T::from_f32(code[(byte >> 4) as usize] * s);
+                        if let Some(p) = pair.get_mut(1) {
+                            *p = T::from_f32(code[(byte & 0x0F) as usize] * s);
+                        }
+                        i += 2;
                     }
                 });
             }
             Format::Ggml { ty, data, row_bytes, perm } => {
                 let Some(kernel) = gguf::block_kernel(*ty) else { return };
-                out.par_chunks_mut(cols).enumerate().for_each(|(k, row)| {
+                out.par_chunks_mut(cols).enumerate().for_each_init(Vec::new, |tmp, (k, row)| {
                     let r = r0 + k;
-                    let src = perm.as_ref().map_or(r, |p| p[r] as usize);
-                    kernel(&data[src * row_bytes..(src + 1) * row_bytes], row);
+                    let src = &data[perm.as_ref().map_or(r, |p| p[r] as usize) * row_bytes..][..*row_bytes];
+                    match T::as_f32_mut(row) {
+                        Some(row) => kernel(src, row),
+                        None => {
+                            tmp.resize(cols, 0f32);
+                            kernel(src, tmp);
+                            row.iter_mut().zip(tmp.iter()).for_each(|(o, &v)| *o = T::from_f32(v));
+                        }
+                    }
                 });
             }
         }
@@ -253,4 +299,64 @@ pub fn compare_weights(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> Result
         differing += any as usize;
     }
     Ok(WeightDiff { max_abs, relative_norm: if norm2 > 0.0 { (diff2 / norm2).sqrt() } else { diff2.sqrt() }, tensors: a.len(), differing })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::QuantType;
+
+    fn dense(out: usize, inp: usize) -> Tensor {
+        let v: Vec<f32> = (0..out * inp).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
+        Tensor::from_vec(v, &[out, inp], Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn any_row_range_dequantises_like_the_whole_weight_in_f32_and_f64() {
+        // 7 columns: row starts alternate between the high and the low nibble of a byte.
+        let w = QuantizedWeight::quantize_bnb(&dense(9, 7), Bnb4bitConfig { quant_type: QuantType::Fp4, blocksize: 32, double_quant: false }).unwrap();
+        let all = w.dequantize_rows(0, 9);
+        for (r0, r1) in [(0, 9), (1, 4), (3, 8), (8, 9)] {
+            assert_eq!(w.dequantize_rows(r0, r1), all[r0 * 7..r1 * 7], "rows {r0}..{r1}");
+            let mut wide = vec![0f64; (r1 - r0) * 7];
+            w.dequantize_rows_into(r0, r1, &mut wide);
+            assert!(wide.iter().zip(&all[r0 * 7..r1 * 7]).all(|(a, b)| *a == *b as f64));
+        }
+        assert_eq!(w.describe(), "fp4 (blocksize 32)");
+        assert_eq!(w.dtype(), DType::F32);
+    }
+
+    /// Q8_0 rows read through a permutation are the stored rows in that order.
+    #[test]
+    fn ggml_rows_follow_the_permutation() {
+        let (out, inp) = (4, 32);
+        let mut data = Vec::new();
+        for r in 0..out {
+            data.extend_from_slice(&half::f16::from_f32(0.5).to_bits().to_le_bytes());
+            data.extend((0..inp).map(|j| (r as i8 * 10 + j as i8) as u8));
+        }
+        let perm = vec![2u32, 0, 3, 1];
+        let w = QuantizedWeight::from_ggml(GgmlType::Q8_0, data.clone(), [out, inp], Some(perm.clone()), "blk.0.attn_q.weight").unwrap();
+        let plain = QuantizedWeight::from_ggml(GgmlType::Q8_0, data, [out, inp], None, "x").unwrap().dequantize_rows(0, out);
+        let got = w.dequantize_rows(0, out);
+        for (r, &p) in perm.iter().enumerate() {
+            assert_eq!(got[r * inp..(r + 1) * inp], plain[p as usize * inp..(p as usize + 1) * inp]);
+        }
+        assert_eq!(plain[inp + 3], 0.5 * 13.0);
+        assert_eq!(w.bytes(), 4 * 34);
+        assert!(w.entries().is_empty(), "GGUF blocks have no Hugging Face form");
+        let e = QuantizedWeight::from_ggml(GgmlType::Q8_0, vec![0; 10], [out, inp], None, "blk.1.ffn_up.weight").unwrap_err().to_string();
+        assert!(e.contains("blk.1.ffn_up.weight") && e.contains("10 bytes"), "{e}");
+    }
+
+    #[test]
+    fn weights_compare_by_name_and_report_the_distance() {
+        let a = vec![("w".to_string(), Tensor::from_vec(vec![1.0f32, 2.0], &[2], Device::Cpu).unwrap())];
+        let b = vec![("w".to_string(), Tensor::from_vec(vec![1.0f32, 2.5], &[2], Device::Cpu).unwrap())];
+        let d = compare_weights(&a, &b).unwrap();
+        assert_eq!((d.max_abs, d.tensors, d.differing), (0.5, 1, 1));
+        assert!((d.relative_norm - 0.5 / (1.0f64 + 6.25).sqrt()).abs() < 1e-12);
+        let e = compare_weights(&a, &[("v".to_string(), a[0].1.clone())]).unwrap_err().to_string();
+        assert!(e.contains("`w`") || e.contains("w"), "{e}");
+    }
 }
