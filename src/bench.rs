@@ -1,12 +1,19 @@
 //! `temper bench`: throughput and peak memory of a full fine-tune step and of greedy generation on a
 //! fixed shape, printed as JSON in the same schema as `tools/bench_torch.py` so the two compare
-//! side by side (`tools/bench_compare.sh`).
+//! side by side (`tools/bench_compare.sh`); LoRA against QLoRA and the weight bytes of each base
+//! format (`tools/bench_qlora.sh`).
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
+use temper_runtime::adapters::host::each_linear_ref;
+use temper_runtime::adapters::NoAdapter;
 use temper_runtime::formats::hf_config::{Architecture, ModelConfig};
 use temper_runtime::generate::{generate, GenerationConfig};
-use temper_runtime::models::{ForwardInput, Llama};
-use temper_runtime::ModuleExt;
+use temper_runtime::models::{ForwardInput, LinearWeight, Llama, LoadOptions, WeightSource};
+use temper_runtime::module::ParamRole;
+use temper_runtime::quant::{Bnb4bitConfig, QuantType, QuantizedWeight};
+use temper_runtime::{Module, ModuleExt};
 use temper_runtime::ops::RopeScaling;
 use temper_runtime::optim::AdamW;
 use temper_runtime::{DType, Device, Error, Result, Tensor};
@@ -57,6 +64,164 @@ pub fn shape(name: &str) -> Result<Shape> {
     })
 }
 
+/// How a benchmark holds the base model's decoder linear weights (`--quant`). Embeddings, norms
+/// and an untied `lm_head` stay dense in every format, as in transformers' `load_in_4bit`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum BaseFormat {
+    /// Dense weights of this dtype (`f32`, `bf16`).
+    Dense(DType),
+    /// bitsandbytes 4-bit (`nf4`, `nf4-dq`, `fp4`, `fp4-dq`; blocks of 64, `-dq`: double quant).
+    Bnb(Bnb4bitConfig),
+    /// A GGUF file's own Q4_0/Q4_1/Q8_0 blocks (`gguf`; needs `--model FILE.gguf`).
+    Gguf,
+}
+
+impl BaseFormat {
+    /// Parses a `--quant` name.
+    pub fn parse(name: &str) -> Result<BaseFormat> {
+        let bnb = |quant_type, double_quant| BaseFormat::Bnb(Bnb4bitConfig { quant_type, blocksize: 64, double_quant });
+        Ok(match name {
+            "f32" | "none" => BaseFormat::Dense(DType::F32),
+            "bf16" => BaseFormat::Dense(DType::BF16),
+            "nf4" => bnb(QuantType::Nf4, false),
+            "nf4-dq" => bnb(QuantType::Nf4, true),
+            "fp4" => bnb(QuantType::Fp4, false),
+            "fp4-dq" => bnb(QuantType::Fp4, true),
+            "gguf" => BaseFormat::Gguf,
+            other => return Err(Error::Input(format!("unknown --quant `{other}` (expected f32, bf16, nf4, nf4-dq, fp4, fp4-dq or gguf)"))),
+        })
+    }
+
+    /// The `--quant` name of this format.
+    pub fn name(&self) -> String {
+        match self {
+            BaseFormat::Dense(DType::F32) => "f32".into(),
+            BaseFormat::Dense(DType::BF16) => "bf16".into(),
+            BaseFormat::Dense(d) => d.to_string().to_lowercase(),
+            BaseFormat::Bnb(c) => format!("{}{}", c.quant_type.as_str(), if c.double_quant { "-dq" } else { "" }),
+            BaseFormat::Gguf => "gguf".into(),
+        }
+    }
+
+    /// Whether the linear weights are quantised.
+    pub fn is_quantized(&self) -> bool {
+        !matches!(self, BaseFormat::Dense(_))
+    }
+
+    /// The options that load a model file in this format (compute stays f32 for quantised bases).
+    fn load_options(&self) -> LoadOptions {
+        match *self {
+            BaseFormat::Dense(dtype) => LoadOptions { dtype, quantize: None, keep_gguf_quantized: false },
+            BaseFormat::Bnb(cfg) => LoadOptions { dtype: DType::F32, quantize: Some(cfg), keep_gguf_quantized: false },
+            BaseFormat::Gguf => LoadOptions { dtype: DType::F32, quantize: None, keep_gguf_quantized: true },
+        }
+    }
+}
+
+/// The random weights of [`Llama::random`] (normal, std `std`; norms 1), drawn in the same order
+/// from the same generator, with each linear weight quantised as soon as it is drawn, so a
+/// quantised model never holds its dense weights all at once (peak RSS stays the quantised one's).
+struct RandomSource {
+    rng: temper_runtime::rng::Rng,
+    std: f64,
+    dtype: DType,
+    quantize: Option<Bnb4bitConfig>,
+}
+
+impl WeightSource for RandomSource {
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = if name.ends_with("norm.weight") { vec![1.0; n] } else { (0..n).map(|_| (self.std * self.rng.normal()) as f32).collect() };
+        let t = Tensor::from_vec(data, shape, Device::Cpu)?;
+        // Quantised layers are drawn in f32 and stay f32 for compute; only dense ones take `dtype`.
+        if self.dtype == DType::F32 { Ok(t) } else { t.to_dtype(self.dtype) }
+    }
+
+    fn linear(&mut self, module: &str, shape: [usize; 2]) -> Result<LinearWeight> {
+        let w = self.tensor(&format!("{module}.weight"), &shape)?;
+        Ok(match self.quantize {
+            None => LinearWeight::Dense(w),
+            Some(cfg) => LinearWeight::Quantized(Arc::new(QuantizedWeight::quantize_bnb(&w, cfg)?)),
+        })
+    }
+}
+
+/// The base model of a benchmark: `model` (a Hugging Face folder or `.gguf`) loaded in `format`,
+/// or, without one, the shape's random-init model (seed 0, std 0.02) in `format`.
+pub fn base_model(shape: &Shape, model: Option<&Path>, format: BaseFormat) -> Result<Llama> {
+    if let Some(path) = model {
+        return Llama::load_with(path, &format.load_options());
+    }
+    let (dtype, quantize) = match format {
+        BaseFormat::Dense(d) => (d, None),
+        BaseFormat::Bnb(cfg) => (DType::F32, Some(cfg)),
+        BaseFormat::Gguf => return Err(Error::Input("--quant gguf keeps a GGUF file's own blocks: give --model FILE.gguf".into())),
+    };
+    Llama::from_weights(shape.config.clone(), &mut RandomSource { rng: temper_runtime::rng::Rng::new(0), std: 0.02, dtype, quantize })
+}
+
+/// Bytes a model's weights occupy, split into the decoder's linear layers and everything else.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct WeightBytes {
+    /// Linear layers.
+    pub linears: usize,
+    /// Weight values those layers stand for (out × in, summed).
+    pub linear_values: usize,
+    /// The linear layers' bytes as a checkpoint stores them (packed codes + scales + quant state,
+    /// or GGUF blocks; dense: values × dtype size), biases included.
+    pub linear_stored: usize,
+    /// What the linear layers hold in memory: the stored bytes plus, for bitsandbytes weights,
+    /// the block scales decoded to f32 at load (4 bytes per block; see `quant::weight`).
+    pub linear_resident: usize,
+    /// Every other weight (embeddings, norms, an untied `lm_head`), all dense.
+    pub other: usize,
+}
+
+impl WeightBytes {
+    /// Stored bytes of the whole model.
+    pub fn total_stored(&self) -> usize {
+        self.linear_stored + self.other
+    }
+
+    /// Resident bytes of the whole model.
+    pub fn total_resident(&self) -> usize {
+        self.linear_resident + self.other
+    }
+}
+
+fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
+/// Counts the weight bytes of `model` (see [`WeightBytes`]).
+pub fn weight_bytes(model: &Llama) -> Result<WeightBytes> {
+    let mut wb = WeightBytes::default();
+    let mut linear_names = std::collections::HashSet::new();
+    each_linear_ref::<NoAdapter, _>(model, |name, l| {
+        let [out, inp] = l.weight.shape();
+        let bias = l.bias.as_ref().map_or(0, tensor_bytes);
+        let (stored, resident) = match &l.weight {
+            LinearWeight::Dense(t) => (tensor_bytes(t), tensor_bytes(t)),
+            LinearWeight::Quantized(q) => {
+                let scales = q.bnb_config().map_or(0, |c| 4 * (out * inp).div_ceil(c.blocksize));
+                (q.bytes(), q.bytes() + scales)
+            }
+        };
+        wb.linears += 1;
+        wb.linear_values += out * inp;
+        wb.linear_stored += stored + bias;
+        wb.linear_resident += resident + bias;
+        linear_names.insert(name.to_string());
+    })?;
+    model.visit("", &mut |name, t, role| {
+        let in_linear = name.rsplit_once('.').is_some_and(|(m, _)| linear_names.contains(m));
+        if matches!(role, ParamRole::Base) && !in_linear {
+            wb.other += tensor_bytes(t);
+        }
+    });
+    Ok(wb)
+}
+
 /// Peak resident set size of this process (VmHWM), in bytes.
 pub fn peak_rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -64,6 +229,19 @@ pub fn peak_rss_bytes() -> u64 {
         .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
         .map(|kb| kb * 1024)
         .unwrap_or(0)
+}
+
+/// CPU time this process has used so far (user + system, all threads), in milliseconds; 0 where
+/// `/proc/self/stat` is unreadable. Linux reports it in USER_HZ ticks (100 per second), so
+/// differences are good to 10 ms.
+pub fn cpu_time_ms() -> f64 {
+    let ticks = std::fs::read_to_string("/proc/self/stat").ok().and_then(|s| {
+        // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+        let rest = s.rsplit_once(')')?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    });
+    ticks.unwrap_or(0) as f64 * 10.0
 }
 
 fn token_ids(n: usize, vocab: usize, seed: u64) -> Vec<i64> {
@@ -99,11 +277,32 @@ pub fn train(shape: &Shape, steps: usize) -> Result<f64> {
 /// projections, AdamW over the adapter, CE over every token, two warm-up steps.
 /// Returns (tokens per second, milliseconds per step).
 pub fn lora_sft(shape: &Shape, steps: usize, batch: usize, seq: usize, r: usize) -> Result<(f64, f64)> {
+    let t = lora_sft_on(base_model(shape, None, BaseFormat::Dense(DType::F32))?, steps, batch, seq, r)?;
+    Ok((t.tokens_per_s, t.step_ms))
+}
+
+/// What [`lora_sft_on`] measured over the timed steps.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SftTiming {
+    pub tokens_per_s: f64,
+    /// Wall-clock milliseconds per step.
+    pub step_ms: f64,
+    /// CPU milliseconds per step (user + system, all threads): less sensitive than wall time to
+    /// a shared VM's stolen time, though it counts worker threads' spinning too.
+    pub cpu_ms: f64,
+}
+
+/// [`lora_sft`] on a given base model: LoRA over a dense base, QLoRA over a quantised one (the
+/// same adapter, optimiser and data; only the frozen base layers differ).
+pub fn lora_sft_on(base: Llama, steps: usize, batch: usize, seq: usize, r: usize) -> Result<SftTiming> {
     use temper_runtime::adapters::{Lora, Targets};
-    let base = Llama::random(shape.config.clone(), 0.02, 0, DType::F32)?;
+    if batch == 0 || seq < 2 {
+        return Err(Error::Input(format!("lora-sft needs batch ≥ 1 and seq ≥ 2 (got batch {batch}, seq {seq})")));
+    }
+    let vocab = base.config.vocab_size;
     let model = base.with_adapter("default", &Lora::config(r, 2.0 * r as f64).targets(Targets::AllLinear))?;
     let mut trainer = temper_runtime::train::Trainer::new(model, temper_runtime::loss::ce(), AdamW::lr(1e-4));
-    let ids = token_ids(batch * seq, shape.config.vocab_size, 42);
+    let ids = token_ids(batch * seq, vocab, 42);
     let b = temper_runtime::train::Batch {
         input: ForwardInput::ids(Tensor::from_vec(ids.clone(), &[batch, seq], Device::Cpu)?),
         labels: Tensor::from_vec(ids, &[batch, seq], Device::Cpu)?,
@@ -111,12 +310,13 @@ pub fn lora_sft(shape: &Shape, steps: usize, batch: usize, seq: usize, r: usize)
     for _ in 0..2 {
         trainer.step(&b)?;
     }
-    let start = Instant::now();
+    let (start, cpu0) = (Instant::now(), cpu_time_ms());
     for _ in 0..steps {
         trainer.step(&b)?;
     }
     let secs = start.elapsed().as_secs_f64();
-    Ok(((batch * seq * steps) as f64 / secs, 1000.0 * secs / steps.max(1) as f64))
+    let n = steps.max(1) as f64;
+    Ok(SftTiming { tokens_per_s: (batch * seq * steps) as f64 / secs, step_ms: 1000.0 * secs / n, cpu_ms: (cpu_time_ms() - cpu0) / n })
 }
 
 /// Greedy generation, batch 1, a 16-token prompt, `new_tokens` new tokens, after one warm-up.

@@ -118,7 +118,9 @@ struct InspectArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// train (forward + backward + AdamW), lora-sft (LoRA training steps) or generate (greedy, batch 1).
+    /// train (forward + backward + AdamW), lora-sft (LoRA training steps), qlora-sft (the same over a
+    /// quantised base), weight-bytes (bytes of the weights in one --quant format) or generate
+    /// (greedy, batch 1).
     #[arg(long, default_value = "train")]
     workload: String,
     /// small (hidden 256, 4 layers, batch 4 × 256) or smollm2 (SmolLM2-135M's shape).
@@ -137,6 +139,15 @@ struct BenchArgs {
     /// lora-sft: LoRA rank.
     #[arg(long, default_value_t = 8)]
     rank: usize,
+    /// lora-sft, qlora-sft, weight-bytes: how the base's linear layers are held: f32, bf16, nf4,
+    /// nf4-dq, fp4, fp4-dq (bitsandbytes, blocks of 64, -dq: double quant) or gguf (a GGUF file's
+    /// own blocks). Default: f32 for lora-sft, nf4-dq otherwise.
+    #[arg(long)]
+    quant: Option<String>,
+    /// lora-sft, qlora-sft, weight-bytes: a model (Hugging Face folder or .gguf) instead of the
+    /// shape's random-init one; --shape then only sets the default batch and length.
+    #[arg(long)]
+    model: Option<PathBuf>,
 }
 
 /// mimalloc's `mi_option_purge_delay`: position 15 of `mi_option_e` in both bundled headers (v2, v3).
@@ -642,31 +653,53 @@ fn inspect(a: InspectArgs) -> Result<()> {
 }
 
 fn bench(a: BenchArgs, threads: usize) -> Result<()> {
-    let shape = temper::bench::shape(&a.shape)?;
-    if a.workload == "lora-sft" {
-        let (batch, seq) = (a.batch.unwrap_or(shape.batch), a.seq.unwrap_or(shape.seq));
-        let (tps, step_ms) = temper::bench::lora_sft(&shape, a.steps, batch, seq, a.rank)?;
-        println!(
-            "{}",
+    use temper::bench::{self as b, BaseFormat};
+    let shape = b::shape(&a.shape)?;
+    let model = a.model.as_deref();
+    let model_name = model.map(|p| p.display().to_string());
+    let base = |default: &str| BaseFormat::parse(a.quant.as_deref().unwrap_or(default));
+    let rss_mb = || b::peak_rss_bytes() as f64 / (1024.0 * 1024.0);
+    let json = match a.workload.as_str() {
+        "lora-sft" | "qlora-sft" => {
+            let format = base(if a.workload == "qlora-sft" { "nf4-dq" } else { "f32" })?;
+            if a.workload == "qlora-sft" && !format.is_quantized() {
+                return Err(Error::Input(format!("qlora-sft needs a quantised base (--quant nf4, nf4-dq, fp4, fp4-dq or gguf), not {}; lora-sft trains over a dense one", format.name())));
+            }
+            let (batch, seq) = (a.batch.unwrap_or(shape.batch), a.seq.unwrap_or(shape.seq));
+            let t = b::lora_sft_on(b::base_model(&shape, model, format)?, a.steps, batch, seq, a.rank)?;
             serde_json::json!({
-                "impl": "temper", "workload": "lora-sft", "shape": shape.name, "threads": threads, "batch": batch, "seq": seq,
-                "rank": a.rank, "steps": a.steps, "tokens_per_s": tps, "step_ms": step_ms,
-                "peak_rss_mb": temper::bench::peak_rss_bytes() as f64 / (1024.0 * 1024.0),
+                "impl": "temper", "workload": a.workload, "shape": shape.name, "model": model_name, "base": format.name(),
+                "threads": threads, "batch": batch, "seq": seq, "rank": a.rank, "steps": a.steps,
+                "tokens_per_s": t.tokens_per_s, "step_ms": t.step_ms, "cpu_ms_per_step": t.cpu_ms, "peak_rss_mb": rss_mb(),
             })
-        );
-        return Ok(());
-    }
-    let (tps, steps) = match a.workload.as_str() {
-        "train" => (temper::bench::train(&shape, a.steps)?, a.steps),
-        "generate" => (temper::bench::generation(&shape, a.new_tokens)?, a.new_tokens),
-        other => return Err(Error::Input(format!("unknown workload `{other}` (expected train or generate)"))),
+        }
+        "weight-bytes" => {
+            let format = base("nf4-dq")?;
+            let start = Instant::now();
+            let m = b::base_model(&shape, model, format)?;
+            let build_s = start.elapsed().as_secs_f64();
+            let w = b::weight_bytes(&m)?;
+            serde_json::json!({
+                "impl": "temper", "workload": "weight-bytes", "shape": shape.name, "model": model_name, "base": format.name(),
+                "linears": w.linears, "linear_values": w.linear_values, "linear_stored_bytes": w.linear_stored,
+                "linear_resident_bytes": w.linear_resident, "other_bytes": w.other, "total_stored_bytes": w.total_stored(),
+                "total_resident_bytes": w.total_resident(), "linear_bits_per_value": 8.0 * w.linear_stored as f64 / w.linear_values.max(1) as f64,
+                "build_s": build_s, "peak_rss_mb": rss_mb(),
+            })
+        }
+        "train" | "generate" if a.quant.is_some() || model.is_some() => {
+            return Err(Error::Input(format!("--quant and --model apply to lora-sft, qlora-sft and weight-bytes, not {}", a.workload)));
+        }
+        "train" | "generate" => {
+            let train = a.workload == "train";
+            let (tps, steps) = if train { (b::train(&shape, a.steps)?, a.steps) } else { (b::generation(&shape, a.new_tokens)?, a.new_tokens) };
+            serde_json::json!({
+                "impl": "temper", "workload": a.workload, "shape": shape.name, "threads": threads,
+                "tokens_per_s": tps, "peak_rss_bytes": b::peak_rss_bytes(), "steps": steps,
+            })
+        }
+        other => return Err(Error::Input(format!("unknown workload `{other}` (expected train, lora-sft, qlora-sft, weight-bytes or generate)"))),
     };
-    println!(
-        "{}",
-        serde_json::json!({
-            "impl": "temper", "workload": a.workload, "shape": shape.name, "threads": threads,
-            "tokens_per_s": tps, "peak_rss_bytes": temper::bench::peak_rss_bytes(), "steps": steps,
-        })
-    );
+    println!("{json}");
     Ok(())
 }

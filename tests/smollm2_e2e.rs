@@ -132,6 +132,9 @@ fn gguf_blocks_stay_quantised_as_a_frozen_base_and_lora_trains_on_it() {
     assert_eq!(n, 30 * 7, "every decoder linear stays quantised");
     eprintln!("SmolLM2 Q4_1 linears kept quantised: {bytes} bytes vs {f32_bytes} as f32 ({:.3}×)", bytes as f64 / f32_bytes as f64);
     assert!(bytes * 5 < f32_bytes, "Q4_1 is 5 bits per weight");
+    assert_eq!(q.parameter_counts().total, dense.parameter_counts().total, "a quantised weight counts its values");
+    let e = q.save_pretrained(&common::scratch_dir("gguf-blocks-save")).unwrap_err().to_string();
+    assert!(e.contains("GGUF blocks") && e.contains("q_proj"), "{e}");
     let ids: Vec<i64> = vec![1, 504, 3458, 28, 549, 314, 253, 1789];
     let input = ForwardInput::ids(Tensor::from_vec(ids.clone(), &[1, 8], Device::Cpu).unwrap());
     let (a, b) = (dense.forward(&input).unwrap().to_vec::<f32>().unwrap(), q.forward(&input).unwrap().to_vec::<f32>().unwrap());

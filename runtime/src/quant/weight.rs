@@ -25,7 +25,9 @@ enum Format {
     /// bitsandbytes: `tensors[0]` is the packed `weight` (U8, `[(n+1)/2, 1]`).
     Bnb { quant_type: QuantType, blocksize: usize, code: [f32; 16], absmax: Vec<f32>, double_quant: bool, tensors: Vec<(String, Tensor)> },
     /// GGUF blocks, `row_bytes` per row; row `r` of the weight is stored row `perm[r]`.
-    Ggml { ty: GgmlType, data: Vec<u8>, row_bytes: usize, perm: Option<Vec<u32>> },
+    /// `blocks[0]` is the raw bytes as a U8 tensor named `weight` (visited for counting; GGUF
+    /// blocks have no Hugging Face form, so saving a model with them is refused).
+    Ggml { ty: GgmlType, row_bytes: usize, perm: Option<Vec<u32>>, blocks: Vec<(String, Tensor)> },
 }
 
 /// A frozen quantised weight `[out_features, in_features]` (see the module docs).
@@ -155,7 +157,9 @@ impl QuantizedWeight {
                 return Err(bad("row permutation does not fit the weight".into()));
             }
         }
-        Ok(QuantizedWeight { shape, dtype: DType::F32, format: Format::Ggml { ty, data, row_bytes, perm } })
+        let n = data.len();
+        let blocks = vec![("weight".to_string(), Tensor::from_vec(data, &[n], Device::Cpu)?)];
+        Ok(QuantizedWeight { shape, dtype: DType::F32, format: Format::Ggml { ty, row_bytes, perm, blocks } })
     }
 
     /// `[out_features, in_features]`.
@@ -190,16 +194,16 @@ impl QuantizedWeight {
     pub fn bytes(&self) -> usize {
         match &self.format {
             Format::Bnb { tensors, .. } => tensors.iter().map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes()).sum(),
-            Format::Ggml { data, .. } => data.len(),
+            Format::Ggml { blocks, .. } => blocks[0].1.elem_count(),
         }
     }
 
-    /// The checkpoint tensors relative to the layer (`weight`, `weight.absmax`, …), bitsandbytes only;
-    /// empty for GGUF blocks, which have no Hugging Face form.
+    /// The stored tensors relative to the layer: bitsandbytes' checkpoint tensors (`weight`,
+    /// `weight.absmax`, …), or the GGUF blocks as one U8 `weight` (which has no Hugging Face form).
     pub fn entries(&self) -> &[(String, Tensor)] {
         match &self.format {
             Format::Bnb { tensors, .. } => tensors,
-            Format::Ggml { .. } => &[],
+            Format::Ggml { blocks, .. } => blocks,
         }
     }
 
@@ -234,8 +238,10 @@ impl QuantizedWeight {
                     }
                 });
             }
-            Format::Ggml { ty, data, row_bytes, perm } => {
+            Format::Ggml { ty, row_bytes, perm, blocks } => {
                 let Some(kernel) = gguf::block_kernel(*ty) else { return };
+                let guard = blocks[0].1.storage();
+                let data = u8_slice(&guard);
                 out.par_chunks_mut(cols).enumerate().for_each_init(Vec::new, |tmp, (k, row)| {
                     let r = r0 + k;
                     let src = &data[perm.as_ref().map_or(r, |p| p[r] as usize) * row_bytes..][..*row_bytes];
@@ -344,7 +350,7 @@ mod tests {
         }
         assert_eq!(plain[inp + 3], 0.5 * 13.0);
         assert_eq!(w.bytes(), 4 * 34);
-        assert!(w.entries().is_empty(), "GGUF blocks have no Hugging Face form");
+        assert_eq!(w.entries().len(), 1, "the blocks, as one U8 tensor");
         let e = QuantizedWeight::from_ggml(GgmlType::Q8_0, vec![0; 10], [out, inp], None, "blk.1.ffn_up.weight").unwrap_err().to_string();
         assert!(e.contains("blk.1.ffn_up.weight") && e.contains("10 bytes"), "{e}");
     }
