@@ -197,12 +197,9 @@ fn train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// How the base model's linear layers are held (QLoRA's frozen quantised base).
-#[derive(Args, Clone, Debug, Default)]
-struct QuantFlags {
-    /// Quantise the decoder's linear layers to bitsandbytes 4-bit as the model loads.
-    #[arg(long)]
-    load_in_4bit: bool,
+/// bitsandbytes 4-bit parameters (defaults as QLoRA recipes use them).
+#[derive(Args, Clone, Debug)]
+struct BnbFlags {
     /// 4-bit code table: nf4 or fp4.
     #[arg(long, default_value = "nf4")]
     quant_type: String,
@@ -212,19 +209,31 @@ struct QuantFlags {
     /// Keep the block scales in f32 instead of double-quantising them.
     #[arg(long)]
     no_double_quant: bool,
+}
+
+impl BnbFlags {
+    fn config(&self) -> Result<Bnb4bitConfig> {
+        temper::quant::blockwise::check_blocksize(self.blocksize)?;
+        Ok(Bnb4bitConfig { quant_type: QuantType::parse(&self.quant_type)?, blocksize: self.blocksize, double_quant: !self.no_double_quant })
+    }
+}
+
+/// How the base model's linear layers are held (QLoRA's frozen quantised base).
+#[derive(Args, Clone, Debug)]
+struct QuantFlags {
+    /// Quantise the decoder's linear layers to bitsandbytes 4-bit as the model loads.
+    #[arg(long)]
+    load_in_4bit: bool,
+    #[command(flatten)]
+    bnb: BnbFlags,
     /// Keep a GGUF model's Q4_0/Q4_1/Q8_0 linear weights as their blocks.
     #[arg(long)]
     gguf_keep_quantized: bool,
 }
 
 impl QuantFlags {
-    fn bnb(&self) -> Result<Bnb4bitConfig> {
-        temper::quant::blockwise::check_blocksize(self.blocksize)?;
-        Ok(Bnb4bitConfig { quant_type: QuantType::parse(&self.quant_type)?, blocksize: self.blocksize, double_quant: !self.no_double_quant })
-    }
-
     fn options(&self) -> Result<LoadOptions> {
-        Ok(LoadOptions { dtype: DType::F32, quantize: if self.load_in_4bit { Some(self.bnb()?) } else { None }, keep_gguf_quantized: self.gguf_keep_quantized })
+        Ok(LoadOptions { dtype: DType::F32, quantize: if self.load_in_4bit { Some(self.bnb.config()?) } else { None }, keep_gguf_quantized: self.gguf_keep_quantized })
     }
 }
 
@@ -235,15 +244,8 @@ struct QuantizeArgs {
     /// Output folder: config.json with quantization_config, model.safetensors, tokenizer files.
     #[arg(long)]
     out: PathBuf,
-    /// 4-bit code table: nf4 (default) or fp4.
-    #[arg(long, default_value = "nf4")]
-    quant_type: String,
-    /// Values per absmax block (32, 64, 128, … 4096).
-    #[arg(long, default_value_t = 64)]
-    blocksize: usize,
-    /// Keep the block scales in f32 instead of double-quantising them.
-    #[arg(long)]
-    no_double_quant: bool,
+    #[command(flatten)]
+    bnb: BnbFlags,
 }
 
 #[derive(Args)]
@@ -355,9 +357,8 @@ fn copy_tokenizer_files(model: &Path, out: &Path) -> Result<()> {
 }
 
 fn quantize(a: QuantizeArgs) -> Result<()> {
-    let flags = QuantFlags { load_in_4bit: true, quant_type: a.quant_type.clone(), blocksize: a.blocksize, no_double_quant: a.no_double_quant, gguf_keep_quantized: false };
-    let cfg = flags.bnb()?;
-    let m = Llama::load_with(&a.model, &flags.options()?)?;
+    let cfg = a.bnb.config()?;
+    let m = Llama::load_with(&a.model, &LoadOptions { quantize: Some(cfg), ..LoadOptions::dense(DType::F32) })?;
     let (mut dense, mut packed, mut layers) = (0usize, 0usize, 0usize);
     temper::adapters::host::each_linear_ref::<temper::adapters::NoAdapter, _>(&m, |_, l| {
         if let Some(q) = l.weight.as_quantized() {
