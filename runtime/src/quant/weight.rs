@@ -22,8 +22,10 @@ use rayon::prelude::*;
 /// How a [`QuantizedWeight`] stores its values.
 #[derive(Clone, Debug)]
 enum Format {
-    /// bitsandbytes: `tensors[0]` is the packed `weight` (U8, `[(n+1)/2, 1]`).
-    Bnb { quant_type: QuantType, blocksize: usize, code: [f32; 16], absmax: Vec<f32>, double_quant: bool, tensors: Vec<(String, Tensor)> },
+    /// bitsandbytes: `tensors[0]` is the packed `weight` (U8, `[(n+1)/2, 1]`), `tensors[1]` the
+    /// `weight.absmax` (f32 scales, read in place; or 8-bit codes, then `decoded` holds the f32
+    /// scales, decoded once).
+    Bnb { quant_type: QuantType, blocksize: usize, code: [f32; 16], decoded: Option<Vec<f32>>, tensors: Vec<(String, Tensor)> },
     /// GGUF blocks, `row_bytes` per row; row `r` of the weight is stored row `perm[r]`.
     /// `blocks[0]` is the raw bytes as a U8 tensor named `weight` (visited for counting; GGUF
     /// blocks have no Hugging Face form, so saving a model with them is refused).
@@ -73,6 +75,14 @@ fn dtype_from_torch(name: &str, key: &str) -> Result<DType> {
     })
 }
 
+fn f32_slice(s: &Storage) -> &[f32] {
+    match s {
+        Storage::Cpu(CpuStorage::F32(v)) => v,
+        // Plain absmax is checked to be F32 when the weight is read.
+        _ => &[],
+    }
+}
+
 fn u8_slice(s: &Storage) -> &[u8] {
     match s {
         Storage::Cpu(CpuStorage::U8(v)) => v,
@@ -118,10 +128,12 @@ impl QuantizedWeight {
         };
         let code: [f32; 16] = s.quant_map.as_slice().try_into().map_err(|_| Error::BadTensor { name: state_key.into(), msg: "quant_map must have 16 entries".into() })?;
         let dtype = dtype_from_torch(&s.dtype, state_key)?;
-        let absmax = s.absmax.values()?;
-        let double_quant = matches!(s.absmax, Absmax::Nested { .. });
+        let decoded = match &s.absmax {
+            Absmax::Plain(_) => None,
+            nested => Some(nested.values()?),
+        };
         let tensors = w.to_safetensors_entries("")?.into_iter().map(|(k, t)| (k.trim_start_matches('.').to_string(), t)).collect();
-        Ok(QuantizedWeight { shape: [out, inp], dtype, format: Format::Bnb { quant_type: s.quant_type, blocksize: s.blocksize, code, absmax, double_quant, tensors } })
+        Ok(QuantizedWeight { shape: [out, inp], dtype, format: Format::Bnb { quant_type: s.quant_type, blocksize: s.blocksize, code, decoded, tensors } })
     }
 
     /// Quantises a dense `[out, in]` weight the way bitsandbytes does (byte-identical codes and
@@ -175,8 +187,8 @@ impl QuantizedWeight {
     /// Short description: `nf4 (blocksize 64, double quant)`, `Q4_0`.
     pub fn describe(&self) -> String {
         match &self.format {
-            Format::Bnb { quant_type, blocksize, double_quant, .. } => {
-                format!("{} (blocksize {blocksize}{})", quant_type.as_str(), if *double_quant { ", double quant" } else { "" })
+            Format::Bnb { quant_type, blocksize, decoded, .. } => {
+                format!("{} (blocksize {blocksize}{})", quant_type.as_str(), if decoded.is_some() { ", double quant" } else { "" })
             }
             Format::Ggml { ty, .. } => ty.to_string(),
         }
@@ -185,7 +197,7 @@ impl QuantizedWeight {
     /// The bitsandbytes parameters, for a bitsandbytes weight.
     pub fn bnb_config(&self) -> Option<Bnb4bitConfig> {
         match &self.format {
-            Format::Bnb { quant_type, blocksize, double_quant, .. } => Some(Bnb4bitConfig { quant_type: *quant_type, blocksize: *blocksize, double_quant: *double_quant }),
+            Format::Bnb { quant_type, blocksize, decoded, .. } => Some(Bnb4bitConfig { quant_type: *quant_type, blocksize: *blocksize, double_quant: decoded.is_some() }),
             Format::Ggml { .. } => None,
         }
     }
@@ -212,29 +224,39 @@ impl QuantizedWeight {
         let cols = self.shape[1];
         debug_assert_eq!(out.len(), (r1 - r0) * cols);
         match &self.format {
-            Format::Bnb { code, absmax, blocksize, tensors, .. } => {
+            Format::Bnb { code, decoded, blocksize, tensors, .. } => {
                 let guard = tensors[0].1.storage();
                 let packed = u8_slice(&guard);
+                let scales_guard = tensors[1].1.storage();
+                let absmax: &[f32] = match decoded {
+                    Some(v) => v,
+                    None => f32_slice(&scales_guard),
+                };
                 let (base, bs) = (r0 * cols, *blocksize);
-                let odd = base % 2;
-                // Chunks of an even length that start on a byte (the first absorbs an odd start).
-                let first = if odd == 1 { 1 } else { 0 };
-                let (head, rest) = out.split_at_mut(first.min(out.len()));
+                // An odd start is the low nibble of a byte; everything after starts on a byte.
+                let first = (base % 2).min(out.len());
+                let (head, rest) = out.split_at_mut(first);
                 for (k, o) in head.iter_mut().enumerate() {
                     let i = base + k;
                     *o = T::from_f32(code[(packed[i / 2] & 0x0F) as usize] * absmax[i / bs]);
                 }
                 let start = base + first;
                 rest.par_chunks_mut(4096).enumerate().for_each(|(c, chunk)| {
-                    let mut i = start + c * 4096;
-                    // Both values of a byte share a block: blocksizes are even.
-                    for pair in chunk.chunks_mut(2) {
-                        let (byte, s) = (packed[i / 2], absmax[i / bs]);
-                        pair[0] = T::from_f32(code[(byte >> 4) as usize] * s);
-                        if let Some(p) = pair.get_mut(1) {
-                            *p = T::from_f32(code[(byte & 0x0F) as usize] * s);
+                    // Block by block: one scale per block, two values per byte (blocksizes are even,
+                    // so a block starts on a byte).
+                    let (mut i, end, mut o) = (start + c * 4096, start + c * 4096 + chunk.len(), 0);
+                    while i < end {
+                        let b = i / bs;
+                        let stop = ((b + 1) * bs).min(end);
+                        let s = absmax[b];
+                        for (pair, &byte) in chunk[o..o + (stop - i)].chunks_mut(2).zip(&packed[i / 2..]) {
+                            pair[0] = T::from_f32(code[(byte >> 4) as usize] * s);
+                            if let Some(p) = pair.get_mut(1) {
+                                *p = T::from_f32(code[(byte & 0x0F) as usize] * s);
+                            }
                         }
-                        i += 2;
+                        o += stop - i;
+                        i = stop;
                     }
                 });
             }
