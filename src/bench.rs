@@ -170,8 +170,8 @@ pub struct WeightBytes {
     /// The linear layers' bytes as a checkpoint stores them (packed codes + scales + quant state,
     /// or GGUF blocks; dense: values × dtype size), biases included.
     pub linear_stored: usize,
-    /// What the linear layers hold in memory: the stored bytes plus, for bitsandbytes weights,
-    /// the block scales decoded to f32 at load (4 bytes per block; see `quant::weight`).
+    /// What the linear layers hold in memory: the stored bytes plus, for double-quantised
+    /// bitsandbytes weights, the block scales decoded to f32 at load (4 bytes per block).
     pub linear_resident: usize,
     /// Every other weight (embeddings, norms, an untied `lm_head`), all dense.
     pub other: usize,
@@ -202,10 +202,7 @@ pub fn weight_bytes(model: &Llama) -> Result<WeightBytes> {
         let bias = l.bias.as_ref().map_or(0, tensor_bytes);
         let (stored, resident) = match &l.weight {
             LinearWeight::Dense(t) => (tensor_bytes(t), tensor_bytes(t)),
-            LinearWeight::Quantized(q) => {
-                let scales = q.bnb_config().map_or(0, |c| 4 * (out * inp).div_ceil(c.blocksize));
-                (q.bytes(), q.bytes() + scales)
-            }
+            LinearWeight::Quantized(q) => (q.bytes(), q.resident_bytes()),
         };
         wb.linears += 1;
         wb.linear_values += out * inp;

@@ -210,6 +210,15 @@ impl QuantizedWeight {
         }
     }
 
+    /// Bytes the weight holds in memory: [`QuantizedWeight::bytes`] plus, for double-quantised
+    /// scales, their f32 values decoded at load (4 bytes per block).
+    pub fn resident_bytes(&self) -> usize {
+        match &self.format {
+            Format::Bnb { decoded, .. } => self.bytes() + decoded.as_ref().map_or(0, |d| 4 * d.len()),
+            Format::Ggml { .. } => self.bytes(),
+        }
+    }
+
     /// The stored tensors relative to the layer: bitsandbytes' checkpoint tensors (`weight`,
     /// `weight.absmax`, …), or the GGUF blocks as one U8 `weight` (which has no Hugging Face form).
     pub fn entries(&self) -> &[(String, Tensor)] {
