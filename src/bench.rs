@@ -4,15 +4,14 @@
 //! format (`tools/bench_qlora.sh`).
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Instant;
 use temper_runtime::adapters::host::each_linear_ref;
 use temper_runtime::adapters::NoAdapter;
 use temper_runtime::formats::hf_config::{Architecture, ModelConfig};
 use temper_runtime::generate::{generate, GenerationConfig};
-use temper_runtime::models::{ForwardInput, LinearWeight, Llama, LoadOptions, WeightSource};
+use temper_runtime::models::{ForwardInput, LinearWeight, Llama, LoadOptions};
 use temper_runtime::module::ParamRole;
-use temper_runtime::quant::{Bnb4bitConfig, QuantType, QuantizedWeight};
+use temper_runtime::quant::{Bnb4bitConfig, QuantType};
 use temper_runtime::{Module, ModuleExt};
 use temper_runtime::ops::RopeScaling;
 use temper_runtime::optim::AdamW;
@@ -118,46 +117,17 @@ impl BaseFormat {
     }
 }
 
-/// The random weights of [`Llama::random`] (normal, std `std`; norms 1), drawn in the same order
-/// from the same generator, with each linear weight quantised as soon as it is drawn, so a
-/// quantised model never holds its dense weights all at once (peak RSS stays the quantised one's).
-struct RandomSource {
-    rng: temper_runtime::rng::Rng,
-    std: f64,
-    dtype: DType,
-    quantize: Option<Bnb4bitConfig>,
-}
-
-impl WeightSource for RandomSource {
-    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        let data: Vec<f32> = if name.ends_with("norm.weight") { vec![1.0; n] } else { (0..n).map(|_| (self.std * self.rng.normal()) as f32).collect() };
-        let t = Tensor::from_vec(data, shape, Device::Cpu)?;
-        // Quantised layers are drawn in f32 and stay f32 for compute; only dense ones take `dtype`.
-        if self.dtype == DType::F32 { Ok(t) } else { t.to_dtype(self.dtype) }
-    }
-
-    fn linear(&mut self, module: &str, shape: [usize; 2]) -> Result<LinearWeight> {
-        let w = self.tensor(&format!("{module}.weight"), &shape)?;
-        Ok(match self.quantize {
-            None => LinearWeight::Dense(w),
-            Some(cfg) => LinearWeight::Quantized(Arc::new(QuantizedWeight::quantize_bnb(&w, cfg)?)),
-        })
-    }
-}
-
 /// The base model of a benchmark: `model` (a Hugging Face folder or `.gguf`) loaded in `format`,
 /// or, without one, the shape's random-init model (seed 0, std 0.02) in `format`.
 pub fn base_model(shape: &Shape, model: Option<&Path>, format: BaseFormat) -> Result<Llama> {
     if let Some(path) = model {
         return Llama::load_with(path, &format.load_options());
     }
-    let (dtype, quantize) = match format {
-        BaseFormat::Dense(d) => (d, None),
-        BaseFormat::Bnb(cfg) => (DType::F32, Some(cfg)),
-        BaseFormat::Gguf => return Err(Error::Input("--quant gguf keeps a GGUF file's own blocks: give --model FILE.gguf".into())),
-    };
-    Llama::from_weights(shape.config.clone(), &mut RandomSource { rng: temper_runtime::rng::Rng::new(0), std: 0.02, dtype, quantize })
+    if format == BaseFormat::Gguf {
+        return Err(Error::Input("--quant gguf keeps a GGUF file's own blocks: give --model FILE.gguf".into()));
+    }
+    // Each linear is quantised as it is drawn: a quantised model never holds its dense weights at once.
+    Llama::random_with(shape.config.clone(), 0.02, 0, &format.load_options())
 }
 
 /// Bytes a model's weights occupy, split into the decoder's linear layers and everything else.

@@ -72,9 +72,10 @@ pub trait Adapter: Clone + Send + Sync + 'static {
     }
     /// The delta added to the base output.
     fn forward(&self, x: &Tensor, base: BaseLayer<'_>) -> Result<Tensor>;
-    /// Whether [`Adapter::after_init`] may rewrite the base weight. On a quantised base such an
-    /// adapter gets the dequantised weight, and the result is quantised again (as PEFT does for
-    /// OLoRA/PiSSA on bitsandbytes layers); adapters that leave W alone skip that round trip.
+    /// Whether [`Adapter::after_init`] may rewrite the base weight (`#[adapter(after_init = ..)]`
+    /// sets it). On a quantised base such an adapter gets the dequantised weight, and a weight it
+    /// rewrote is quantised again (as PEFT does for OLoRA/PiSSA on bitsandbytes layers); adapters
+    /// without the hook skip the dequantisation.
     const REWRITES_BASE: bool = false;
     /// Runs once after every parameter is initialised; may rewrite the base weight (PiSSA and
     /// OLoRA move the principal part of W into the adapter).

@@ -164,6 +164,41 @@ pub trait WeightSource {
     }
 }
 
+/// Another source whose dense linear weights are quantised to bitsandbytes 4-bit as they are drawn
+/// (one layer in full precision at a time); weights the inner source hands over quantised (a
+/// pre-quantised checkpoint, GGUF blocks) pass through.
+struct QuantizeLinears<'a> {
+    inner: &'a mut dyn WeightSource,
+    cfg: Bnb4bitConfig,
+}
+
+impl WeightSource for QuantizeLinears<'_> {
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.inner.tensor(name, shape)
+    }
+    fn linear(&mut self, module: &str, shape: [usize; 2]) -> Result<LinearWeight> {
+        Ok(match self.inner.linear(module, shape)? {
+            LinearWeight::Dense(w) => LinearWeight::Quantized(Arc::new(QuantizedWeight::quantize_bnb(&w, self.cfg)?)),
+            quantized => quantized,
+        })
+    }
+}
+
+/// The weights of [`Llama::random`]: N(0, std²) drawn in call order from one generator, norms 1.
+struct RandomSource {
+    rng: crate::rng::Rng,
+    std: f64,
+    dtype: DType,
+}
+
+impl WeightSource for RandomSource {
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = if name.ends_with("norm.weight") { vec![1.0; n] } else { (0..n).map(|_| (self.std * self.rng.normal()) as f32).collect() };
+        Tensor::from_vec(data, shape, Device::Cpu)?.to_dtype(self.dtype)
+    }
+}
+
 /// A closure as a [`WeightSource`] of dense tensors.
 struct FnSource<'a>(&'a mut dyn FnMut(&str, &[usize]) -> Result<Tensor>);
 
@@ -183,8 +218,6 @@ struct GgufSource<'a> {
     heads: (usize, usize),
     dtype: DType,
     keep_quantized: bool,
-    /// Re-quantise the (dequantised) linear weights to bitsandbytes 4-bit.
-    quantize: Option<Bnb4bitConfig>,
 }
 
 impl GgufSource<'_> {
@@ -219,9 +252,6 @@ impl WeightSource for GgufSource<'_> {
         let gname = self.gguf_name(&name)?.clone();
         let info = self.g.tensor_info(&gname).ok_or_else(|| Error::MissingTensor { path: self.path.into(), name: gname.clone() })?;
         let ty = info.ggml_type;
-        if let Some(cfg) = self.quantize {
-            return Ok(LinearWeight::Quantized(Arc::new(QuantizedWeight::quantize_bnb(&self.tensor(&name, &shape)?, cfg)?)));
-        }
         if !self.keep_quantized || !matches!(ty, gguf::GgmlType::Q4_0 | gguf::GgmlType::Q4_1 | gguf::GgmlType::Q8_0) {
             return Ok(LinearWeight::Dense(self.tensor(&name, &shape)?));
         }
@@ -313,12 +343,10 @@ fn linear_from<A: Adapter>(src: &mut dyn WeightSource, name: &str, out_f: usize,
     Ok(Linear::with_weight(weight, bias))
 }
 
-/// Safetensors files as a [`WeightSource`]: bitsandbytes 4-bit layers load quantised, and with
-/// `quantize` every other linear layer is quantised as it loads (one layer in f32 at a time).
+/// Safetensors files as a [`WeightSource`]: bitsandbytes 4-bit layers load quantised.
 struct HfSource<'a> {
     files: &'a SafetensorsFiles,
     dtype: DType,
-    quantize: Option<Bnb4bitConfig>,
 }
 
 impl WeightSource for HfSource<'_> {
@@ -336,13 +364,7 @@ impl WeightSource for HfSource<'_> {
             let q = QuantizedWeight::from_bnb(Nf4Weight::from_safetensors(self.files, module)?, &key)?;
             return Ok(LinearWeight::Quantized(Arc::new(q)));
         }
-        match self.quantize {
-            None => Ok(LinearWeight::Dense(self.files.load_as(&w, &shape, self.dtype)?)),
-            Some(cfg) => {
-                let dense = self.files.load_as(&w, &shape, self.dtype)?;
-                Ok(LinearWeight::Quantized(Arc::new(QuantizedWeight::quantize_bnb(&dense, cfg)?)))
-            }
-        }
+        Ok(LinearWeight::Dense(self.files.load_as(&w, &shape, self.dtype)?))
     }
 }
 
@@ -350,6 +372,14 @@ impl<A: Adapter> Llama<A> {
     /// Builds the model from a configuration and a source of named tensors (HF names and shapes).
     pub fn from_source(config: ModelConfig, get: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>) -> Result<Llama<A>> {
         Self::from_weights(config, &mut FnSource(get))
+    }
+
+    /// [`Llama::from_weights`], quantising the dense linear weights `src` hands over when `quantize`.
+    fn from_weights_quantized(config: ModelConfig, src: &mut dyn WeightSource, quantize: Option<Bnb4bitConfig>) -> Result<Llama<A>> {
+        match quantize {
+            Some(cfg) => Self::from_weights(config, &mut QuantizeLinears { inner: src, cfg }),
+            None => Self::from_weights(config, src),
+        }
     }
 
     /// Builds the model from a configuration and a [`WeightSource`] (which may quantise linears).
@@ -656,16 +686,13 @@ impl<A: Adapter> Llama<A> {
 impl Llama {
     /// A randomly initialised model (weights ~ N(0, std²), norms 1) for benchmarks and tests.
     pub fn random(config: ModelConfig, std: f64, seed: u64, dtype: DType) -> Result<Llama> {
-        let mut rng = crate::rng::Rng::new(seed);
-        Self::from_source(config, &mut |name, shape| {
-            let n: usize = shape.iter().product();
-            let data: Vec<f32> = if name.ends_with("norm.weight") {
-                vec![1.0; n]
-            } else {
-                (0..n).map(|_| (std * rng.normal()) as f32).collect()
-            };
-            Tensor::from_vec(data, shape, Device::Cpu)?.to_dtype(dtype)
-        })
+        Self::random_with(config, std, seed, &LoadOptions::dense(dtype))
+    }
+
+    /// [`Llama::random`] with the weights of [`Llama::load_with`]'s options: with `quantize`, each
+    /// linear weight is quantised as soon as it is drawn, so the dense model never exists at once.
+    pub fn random_with(config: ModelConfig, std: f64, seed: u64, opts: &LoadOptions) -> Result<Llama> {
+        Self::from_weights_quantized(config, &mut RandomSource { rng: crate::rng::Rng::new(seed), std, dtype: opts.dtype }, opts.quantize)
     }
 
     /// Loads a Hugging Face model folder (config.json + safetensors, sharded or not) or a `.gguf` file,
@@ -687,7 +714,7 @@ impl Llama {
         if path.is_dir() {
             let config = ModelConfig::from_file(&path.join("config.json"))?;
             let files = SafetensorsFiles::open_dir(path)?;
-            Self::from_weights(config, &mut HfSource { files: &files, dtype: opts.dtype, quantize: opts.quantize })
+            Self::from_weights_quantized(config, &mut HfSource { files: &files, dtype: opts.dtype }, opts.quantize)
         } else if path.extension().is_some_and(|e| e == "gguf") {
             if opts.quantize.is_some() && opts.keep_gguf_quantized {
                 return Err(Error::Input(format!("{}: choose one quantised base, the GGUF's own blocks or bitsandbytes 4-bit", path.display())));
@@ -719,7 +746,7 @@ impl Llama {
             }
         }
         let heads = (config.num_attention_heads, config.num_key_value_heads);
-        Self::from_weights(config, &mut GgufSource { g: &g, path, by_hf, heads, dtype, keep_quantized, quantize })
+        Self::from_weights_quantized(config, &mut GgufSource { g: &g, path, by_hf, heads, dtype, keep_quantized }, quantize)
     }
     /// Hugging Face's causal-LM loss: logits at t predict labels at t+1 (−100 ignored), mean over counted tokens.
     pub fn loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
