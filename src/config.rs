@@ -71,7 +71,7 @@ pub struct TrainConfig {
     pub output_dir: PathBuf,
     #[serde(default = "d_seed")]
     pub seed: u64,
-    /// `"cpu"` (the CUDA backend arrives with its issue).
+    /// `"cpu"` (default), `"cuda"` or `"cuda:N"`.
     pub device: Option<String>,
     #[serde(default)]
     pub gradient_checkpointing: bool,
@@ -177,11 +177,16 @@ fn d_r() -> usize {
 
 impl TrainConfig {
     /// How the base model loads: 4-bit on load for QLoRA (kind `qlora` or `load_in_4bit`), GGUF blocks kept.
+    /// The device to train on; a CUDA device is checked to exist on this machine.
+    pub fn device(&self) -> temper_runtime::Result<temper_runtime::Device> {
+        temper_runtime::Device::parse(self.device.as_deref().unwrap_or("cpu"))
+    }
+
     pub fn load_options(&self) -> temper_runtime::models::LoadOptions {
         use temper_runtime::quant::{Bnb4bitConfig, QuantType};
         let four_bit = (self.load_in_4bit || self.adapter.kind == "qlora") && !self.gguf_keep_quantized;
         temper_runtime::models::LoadOptions {
-            dtype: temper_runtime::DType::F32,
+            dtype: if self.bf16 { temper_runtime::DType::BF16 } else { temper_runtime::DType::F32 },
             quantize: four_bit.then(|| Bnb4bitConfig {
                 quant_type: QuantType::parse(&self.bnb_4bit_quant_type).unwrap_or(QuantType::Nf4),
                 blocksize: self.bnb_4bit_blocksize,
@@ -226,11 +231,13 @@ impl TrainConfig {
         if let Some(d) = self.bnb_4bit_compute_dtype.as_deref().filter(|d| *d != "float32") {
             return err("bnb_4bit_compute_dtype", format!("`{d}`: the CPU backend computes in \"float32\""));
         }
-        if let Some(d) = self.device.as_deref().filter(|d| *d != "cpu") {
-            return err("device", format!("`{d}`: this build has the CPU backend only (the CUDA backend arrives with its issue)"));
+        let device = self.device.as_deref().unwrap_or("cpu");
+        let cuda = device == "cuda" || device.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
+        if device != "cpu" && !cuda {
+            return err("device", format!("`{device}`: expected \"cpu\", \"cuda\" or \"cuda:N\""));
         }
-        if self.bf16 {
-            return err("bf16", "the CPU backend computes in f32; bf16 compute arrives with the CUDA backend".into());
+        if self.bf16 && !cuda {
+            return err("bf16", "the CPU backend computes in f32; bf16 compute needs device = \"cuda\"".into());
         }
         if !(0.0..1.0).contains(&self.val_set_size) {
             return err("val_set_size", format!("{} is not a fraction in [0, 1)", self.val_set_size));

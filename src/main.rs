@@ -48,6 +48,22 @@ enum Command {
     Inspect(InspectArgs),
     /// Measure tokens/s and peak memory of a training step or of generation (JSON).
     Bench(BenchArgs),
+    /// Check the CUDA backend on this machine: the device, every kernel compiled for it, and each
+    /// kernel's parity against the CPU backend on fresh random inputs (needs a GPU).
+    GpuCheck(GpuCheckArgs),
+}
+
+#[derive(Args)]
+struct GpuCheckArgs {
+    /// Only the suites whose name contains this (gemm, elementwise, attention, nf4, ...).
+    #[arg(long)]
+    filter: Option<String>,
+    /// Seed of the random inputs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
 }
 
 #[derive(Args)]
@@ -406,6 +422,7 @@ fn main() -> ExitCode {
         }),
         Command::Inspect(a) => inspect(a),
         Command::Bench(a) => bench(a, cli.threads.unwrap_or_else(rayon::current_num_threads)),
+        Command::GpuCheck(a) => gpu_check(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -702,5 +719,40 @@ fn bench(a: BenchArgs, threads: usize) -> Result<()> {
         other => return Err(Error::Input(format!("unknown workload `{other}` (expected train, lora-sft, qlora-sft, weight-bytes or generate)"))),
     };
     println!("{json}");
+    Ok(())
+}
+
+fn gpu_check(a: GpuCheckArgs) -> Result<()> {
+    use temper_runtime::backend::cuda;
+    let dev = cuda::CudaDevice::get(a.device)?;
+    let (maj, min) = temper_kernels::nvrtc_version().map_err(Error::Unsupported)?;
+    println!("device cuda:{} {} ({}), NVRTC {maj}.{min}", dev.ordinal, dev.name, dev.arch);
+    println!("{:<14} {:>9} {:>8} {:>6}", "kernel file", "compile", "kernels", "max-regs");
+    for src in temper_kernels::SOURCES {
+        let t = std::time::Instant::now();
+        let c = temper_kernels::compile(src, &dev.arch).map_err(Error::Unsupported)?;
+        let res = c.resources();
+        let spills: Vec<_> = res.iter().filter(|r| r.spill_stores + r.spill_loads > 0).map(|r| r.kernel.clone()).collect();
+        println!(
+            "{:<14} {:>7.0}ms {:>8} {:>6}{}",
+            src.name,
+            t.elapsed().as_secs_f64() * 1e3,
+            res.len(),
+            res.iter().map(|r| r.registers).max().unwrap_or(0),
+            if res.is_empty() {
+                "  (no ptxas report: NVRTC served this compile from its cache)".to_string()
+            } else if spills.is_empty() {
+                String::new()
+            } else {
+                format!("  SPILLS: {}", spills.join(", "))
+            }
+        );
+    }
+    let rows = cuda::parity::run_all(a.device, a.filter.as_deref(), a.seed)?;
+    print!("{}", cuda::parity::table(&rows));
+    let failed = rows.iter().filter(|r| !r.passed).count();
+    if failed > 0 || rows.is_empty() {
+        return Err(Error::Input(format!("{failed} of {} parity checks failed", rows.len())));
+    }
     Ok(())
 }

@@ -84,6 +84,8 @@ pub fn load_examples(cfg: &TrainConfig, cfg_path: &Path, tok: &Tokenizer, quiet:
 /// `temper data preview`: the first `n` examples as the model sees them.
 pub fn preview(cfg_path: &Path, n: usize, json: bool) -> Result<Vec<String>> {
     let cfg = TrainConfig::from_file(cfg_path)?;
+    // Fail before loading anything when the device is missing.
+    cfg.device().map_err(|e| Error::Input(format!("{}: key `device`: {e}", cfg_path.display())))?;
     let tok = load_tokenizer(cfg.tokenizer.as_ref().unwrap_or(&cfg.base_model))?;
     let ex = load_examples(&cfg, cfg_path, &tok, json)?;
     data::preview(&ex, &tok, n, json)
@@ -92,6 +94,8 @@ pub fn preview(cfg_path: &Path, n: usize, json: bool) -> Result<Vec<String>> {
 /// `temper train`: runs the config and returns the run's summary.
 pub fn train(cfg_path: &Path, resume: bool, progress: Progress) -> Result<SftSummary> {
     let cfg = TrainConfig::from_file(cfg_path)?;
+    // Fail before loading anything when the device is missing.
+    cfg.device().map_err(|e| Error::Input(format!("{}: key `device`: {e}", cfg_path.display())))?;
     let tok = load_tokenizer(cfg.tokenizer.as_ref().unwrap_or(&cfg.base_model))?;
     let mut base = Llama::load_with(&cfg.base_model, &cfg.load_options())?;
     if tok.vocab_size() > base.config.vocab_size {
@@ -164,8 +168,18 @@ impl Run<'_> {
         }
     }
 
-    fn go<A: AdapterFormat + temper_runtime::adapters::Adapter>(&self, model: Llama<A>, adapter: Option<&str>) -> Result<SftSummary> {
+    fn go<A: AdapterFormat + temper_runtime::adapters::Adapter>(&self, mut model: Llama<A>, adapter: Option<&str>) -> Result<SftSummary> {
         let cfg = self.cfg;
+        let device = cfg.device()?;
+        if cfg.bf16 {
+            // The base was loaded in bf16; adapters are drawn in f32 (the same draws as an f32 run) and
+            // stored in bf16 too. AdamW keeps f32 master copies of whatever it trains.
+            model.to_dtype(temper_runtime::DType::BF16)?;
+        }
+        if device.is_cuda() {
+            // Adapters are initialised on the host (the same draws as on the CPU), then everything moves.
+            model.to_device(device)?;
+        }
         let micro_per_epoch = self.epoch(0)?.len();
         let total_steps = match cfg.max_steps {
             Some(n) => n,

@@ -102,11 +102,18 @@ pub fn delta_weight<A: Adapter + ?Sized>(a: &A, base: BaseLayer<'_>) -> Result<T
         eye[i * n + i] = 1.0;
     }
     crate::autograd::no_grad(|| {
-        let eye = Tensor::from_vec(eye, &[n, n], Device::Cpu)?.to_dtype(a_dtype(a, base))?;
+        let eye = Tensor::from_vec(eye, &[n, n], a_device(a, base))?.to_dtype(a_dtype(a, base))?;
         let out = base.weight.linear(&eye, None)?;
         let d = a.forward(&eye, BaseLayer { out: Some(&out), training: false, ..base })?;
         ops::transpose(&d, 0, 1)?.contiguous()
     })
+}
+
+/// Where the adapter's parameters live (the base weight's device when it has none).
+fn a_device<A: Adapter + ?Sized>(a: &A, base: BaseLayer<'_>) -> Device {
+    let mut d = base.weight.as_dense().map(|t| t.device()).unwrap_or_default();
+    a.visit_params(&mut |_, t| d = t.device());
+    d
 }
 
 fn a_dtype<A: Adapter + ?Sized>(a: &A, base: BaseLayer<'_>) -> DType {

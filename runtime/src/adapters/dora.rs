@@ -9,7 +9,7 @@ use super::peft::{self, LoraInit, LoraSettings};
 use super::{AdapterFormat, BaseLayer};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
-use crate::{adapter, autograd, ops, Device};
+use crate::{adapter, autograd, ops};
 use serde_json::Value;
 use std::path::Path;
 
@@ -51,14 +51,14 @@ impl Dora {
             let (o, i) = (wc.shape()[0], wc.shape()[1]);
             let v = wc.to_f64_vec()?;
             let norms: Vec<f64> = (0..o).map(|r| v[r * i..(r + 1) * i].iter().map(|x| x * x).sum::<f64>().sqrt()).collect();
-            Ok((wc, Tensor::from_vec(norms, &[o], Device::Cpu)?.to_dtype(ba.dtype())?))
+            Ok((wc, Tensor::from_vec(norms, &[o], ba.device())?.to_dtype(ba.dtype())?))
         })
     }
 
     /// `c = m / norm` (gradient flows to `m` only).
     fn magnitude_scale(&self, norm: &Tensor) -> Result<Tensor> {
         let inv: Vec<f64> = norm.to_f64_vec()?.iter().map(|n| 1.0 / n).collect();
-        ops::mul(&self.magnitude, &Tensor::from_vec(inv, norm.shape(), Device::Cpu)?.to_dtype(norm.dtype())?)
+        ops::mul(&self.magnitude, &Tensor::from_vec(inv, norm.shape(), norm.device())?.to_dtype(norm.dtype())?)
     }
 
     fn delta(&self, x: &Tensor, base: BaseLayer<'_>) -> Result<Tensor> {
@@ -96,7 +96,7 @@ impl Dora {
 fn scale_rows(w: &Tensor, c: &[f64]) -> Result<Tensor> {
     let i = w.shape()[1];
     let v: Vec<f64> = w.to_f64_vec()?.iter().enumerate().map(|(k, x)| x * c[k / i]).collect();
-    Tensor::from_vec(v, w.shape(), Device::Cpu)?.to_dtype(w.dtype())
+    Tensor::from_vec(v, w.shape(), w.device())?.to_dtype(w.dtype())
 }
 
 impl From<LoraSettings> for DoraConfig {

@@ -10,7 +10,7 @@ use super::peft::{self, LoraInit, LoraSettings};
 use super::{AdapterFormat, BaseLayer};
 use crate::error::{ensure_shape, Result};
 use crate::tensor::Tensor;
-use crate::{adapter, linalg, ops, Device};
+use crate::{adapter, linalg, ops};
 use serde_json::Value;
 use std::path::Path;
 
@@ -49,8 +49,9 @@ impl Lora {
 
     fn delta(&self, x: &Tensor, base: BaseLayer<'_>) -> Result<Tensor> {
         let x = if base.training { ops::dropout(x, self.lora_dropout)? } else { x.clone() };
-        let h = ops::linear(&x, &self.lora_a, None)?;
-        ops::scale(&ops::linear(&h, &self.lora_b, None)?, self.settings().scale())
+        // s·(x·Aᵀ)·Bᵀ as one op (on the CPU exactly scale(linear(linear(x, A), B)); on CUDA two
+        // GEMMs with the scale folded into the second). The base output is added by `Linear`.
+        ops::lora_linear(&x, ops::LoraBase::None, None, &self.lora_a, &self.lora_b, self.settings().scale())
     }
 
     /// `s·B·A` `[out, in]` in the base weight's dtype.
@@ -90,10 +91,12 @@ pub(crate) fn olora(weight: &mut Tensor, r: usize, scale: f64, dtype: crate::DTy
         }
     }
     let trainable = weight.requires_grad_flag();
-    let new_w = Tensor::from_vec(res, &[o, i], Device::Cpu)?.to_dtype(weight.dtype())?;
+    // Results live where the weight lives.
+    let device = weight.device();
+    let new_w = Tensor::from_vec(res, &[o, i], device)?.to_dtype(weight.dtype())?;
     *weight = if trainable { new_w.requires_grad() } else { new_w };
-    let a = Tensor::from_vec(a, &[r, i], Device::Cpu)?.to_dtype(dtype)?.requires_grad();
-    let b = Tensor::from_vec(b, &[o, r], Device::Cpu)?.to_dtype(dtype)?.requires_grad();
+    let a = Tensor::from_vec(a, &[r, i], device)?.to_dtype(dtype)?.requires_grad();
+    let b = Tensor::from_vec(b, &[o, r], device)?.to_dtype(dtype)?.requires_grad();
     Ok((a, b))
 }
 

@@ -194,7 +194,8 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], metadata: Option<std::col
     let mut bufs = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let s = t.contiguous_storage()?;
-        let bytes: Vec<u8> = match s.as_cpu() {
+        let host = s.to_cpu()?;
+        let bytes: Vec<u8> = match &*host {
             CpuStorage::F32(v) => bytemuck::cast_slice(v).to_vec(),
             CpuStorage::F64(v) => bytemuck::cast_slice(v).to_vec(),
             CpuStorage::BF16(v) => bytemuck::cast_slice(v).to_vec(),

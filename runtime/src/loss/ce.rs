@@ -1,9 +1,8 @@
 //! Next-token cross-entropy: Hugging Face's causal-LM loss, mean over labels that are not −100.
 
-use super::{StepCx, Term, TermLog, Loss};
+use super::{Loss, StepCx, Term, TermLog};
 use crate::adapters::Adapter;
 use crate::error::Result;
-use crate::models::Llama;
 use crate::tensor::Tensor;
 
 /// Cross-entropy of the policy's next-token predictions against the labels. Logged as `ce`.
@@ -17,7 +16,8 @@ pub fn ce() -> Loss<Ce> {
 
 impl<A: Adapter> Term<StepCx<'_, A>> for Ce {
     fn eval(&self, cx: &StepCx<'_, A>, log: &mut TermLog) -> Result<Tensor> {
-        let l = Llama::loss(&cx.logits, cx.labels)?;
+        // Fused with the output projection when the step carries hidden states (no [tokens, vocab] logits).
+        let l = cx.causal_lm_loss()?;
         log.push(("ce", l.to_scalar()?));
         Ok(l)
     }

@@ -2,7 +2,7 @@
 //!
 //! kl = mean over positions t with a label of KL(π_θ(·|x<t) ‖ π_ref(·|x<t)), over the full vocabulary.
 
-use super::{StepCx, Term, TermLog, Loss};
+use super::{Loss, StepCx, Term, TermLog};
 use crate::adapters::{Adapter, Switchable};
 use crate::error::{Error, Result};
 use crate::models::Llama;
@@ -33,14 +33,15 @@ pub fn kl_to(reference: Llama) -> Loss<KlTo> {
 
 /// Mean token KL over positions whose shifted target is not −100.
 fn masked_mean_kl<A: Adapter>(cx: &StepCx<'_, A>, reference: &Tensor) -> Result<Tensor> {
-    let (b, t, v) = (cx.logits.shape()[0], cx.logits.shape()[1], cx.logits.shape()[2]);
-    let kl = ops::token_kl(&ops::reshape(&cx.logits, &[b * t, v])?, &ops::reshape(reference, &[b * t, v])?)?;
+    let logits = cx.logits()?;
+    let (b, t, v) = (logits.shape()[0], logits.shape()[1], logits.shape()[2]);
+    let kl = ops::token_kl(&ops::reshape(logits, &[b * t, v])?, &ops::reshape(reference, &[b * t, v])?)?;
     let mask: Vec<f64> = cx.shifted_targets()?.to_vec::<i64>()?.iter().map(|&y| if y == ops::IGNORE_INDEX { 0.0 } else { 1.0 }).collect();
     let n = mask.iter().sum::<f64>();
     if n == 0.0 {
         return Err(Error::Input("kl: every label is -100, so no position is regularised".into()));
     }
-    let mask = Tensor::from_vec(mask, &[b * t], crate::Device::Cpu)?.to_dtype(kl.dtype())?;
+    let mask = Tensor::from_vec(mask, &[b * t], kl.device())?.to_dtype(kl.dtype())?;
     ops::scale(&ops::sum(&ops::mul(&kl, &mask)?)?, 1.0 / n)
 }
 

@@ -37,7 +37,7 @@ impl KvCache {
     pub(crate) fn append_mask(&mut self, mask: &[u8]) -> Result<()> {
         let t = mask.len() / self.batch.max(1);
         ensure_shape!(self.len + t <= self.capacity, "kv_cache", "{} + {t} tokens exceed the cache capacity {}", self.len, self.capacity);
-        let src = Tensor::from_vec(mask.to_vec(), &[mask.len()], Device::Cpu)?;
+        let src = Tensor::from_vec(mask.to_vec(), &[mask.len()], self.key_mask.device())?;
         let src = src.storage();
         self.key_mask.write_blocks(&src, self.batch, t, self.capacity, self.len)
     }

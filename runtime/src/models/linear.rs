@@ -138,6 +138,9 @@ impl<A: Adapter> Linear<A> {
     /// [`Linear::forward`] under `mode`. Switching adapters off while one is merged is an error:
     /// the base weight no longer exists separately.
     pub fn forward_mode(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        if let Some(y) = self.fused_lora(x, mode) {
+            return y;
+        }
         let y = self.weight.linear(x, self.bias.as_ref())?;
         if !mode.adapters {
             if let Some(s) = self.adapters.iter().find(|s| s.merged) {
@@ -151,6 +154,29 @@ impl<A: Adapter> Linear<A> {
             out = ops::add(&out, &d)?;
         }
         Ok(out)
+    }
+}
+
+impl<A: Adapter> Linear<A> {
+    /// On CUDA, one live LoRA adapter without active dropout runs as the fused LoRA linear
+    /// (`ops::lora_linear`: the low-rank product accumulated into the base GEMM's output, one
+    /// backward for dx, dA, dB). The CPU keeps the composition, whose numerics the PEFT parity
+    /// tests pin.
+    fn fused_lora(&self, x: &Tensor, mode: Mode) -> Option<Result<Tensor>> {
+        if !x.device().is_cuda() || !mode.adapters {
+            return None;
+        }
+        let mut live = self.adapters.iter().filter(|s| s.enabled && !s.merged);
+        let (s, None) = (live.next()?, live.next()) else { return None };
+        let l = (&s.adapter as &dyn std::any::Any).downcast_ref::<crate::adapters::Lora>()?;
+        if mode.training && l.lora_dropout > 0.0 {
+            return None;
+        }
+        let base = match &self.weight {
+            LinearWeight::Dense(w) => ops::LoraBase::Dense(w),
+            LinearWeight::Quantized(q) => ops::LoraBase::Quantized(q),
+        };
+        Some(ops::lora_linear(x, base, self.bias.as_ref(), &l.lora_a, &l.lora_b, l.settings().scale()))
     }
 }
 

@@ -562,6 +562,11 @@ impl<A: Adapter> Llama<A> {
         self.embed_tokens.dtype()
     }
 
+    /// The device the weights live on.
+    pub fn device(&self) -> Device {
+        self.embed_tokens.device()
+    }
+
     /// The output projection (`lm_head`, or the embedding when tied).
     pub fn lm_head_weight(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
@@ -570,7 +575,7 @@ impl<A: Adapter> Llama<A> {
     fn ctx(&self, positions: &[i64], mask: AttentionMask, mode: Mode) -> Result<LayerCtx> {
         let c = &self.config;
         Ok(LayerCtx {
-            rope: RopeTable::new(&self.inv_freq, positions, self.dtype(), Device::Cpu)?,
+            rope: RopeTable::new(&self.inv_freq, positions, self.dtype(), self.device())?,
             mask,
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
@@ -608,12 +613,14 @@ impl<A: Adapter> Llama<A> {
             None => None,
             Some(m) => {
                 ensure_shape!(m.shape() == [b, t], "forward", "attention_mask {:?} does not match input_ids [{b}, {t}]", m.shape());
-                Some(m.to_dtype(DType::U8)?)
+                Some(m.to_dtype(DType::U8)?.to_device(self.device())?)
             }
         };
-        let mask = AttentionMask { causal: true, key_mask, segment_ids: input.segment_ids.clone(), window: None };
+        // Batches are built on the host; ids and masks follow the weights to their device.
+        let segment_ids = input.segment_ids.as_ref().map(|s| s.to_device(self.device())).transpose()?;
+        let mask = AttentionMask { causal: true, key_mask, segment_ids, window: None };
         let ctx = self.ctx(&positions, mask, mode)?;
-        let mut h = ops::embedding(&self.embed_tokens, &input.input_ids)?;
+        let mut h = ops::embedding(&self.embed_tokens, &input.input_ids.to_device(self.device())?)?;
         for layer in &self.layers {
             h = if self.gradient_checkpointing {
                 let (layer2, ctx2) = (layer.clone(), ctx.clone());
@@ -648,7 +655,7 @@ impl<A: Adapter> Llama<A> {
         let b = cache.batch;
         let t = ids.len() / b.max(1);
         ensure_shape!(t > 0 && ids.len() == b * t && mask.len() == ids.len() && positions.len() == ids.len(), "forward_cached", "{} ids, {} mask values, {} positions for batch {b}", ids.len(), mask.len(), positions.len());
-        let ids_t = Tensor::from_vec(ids.to_vec(), &[b, t], Device::Cpu)?;
+        let ids_t = Tensor::from_vec(ids.to_vec(), &[b, t], self.device())?;
         cache.append_mask(mask)?;
         let ctx = self.ctx(positions, AttentionMask::default(), Mode::default())?;
         let (d, hq, hk) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
@@ -677,7 +684,7 @@ impl<A: Adapter> Llama<A> {
     /// An empty KV cache sized for this model.
     pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
         let c = &self.config;
-        KvCache::new(c.num_hidden_layers, batch, capacity, c.num_key_value_heads, c.head_dim, self.dtype(), Device::Cpu)
+        KvCache::new(c.num_hidden_layers, batch, capacity, c.num_key_value_heads, c.head_dim, self.dtype(), self.device())
     }
 }
 
@@ -753,7 +760,8 @@ impl Llama {
         ensure_shape!(logits.rank() == 3, "loss", "logits must be [batch, seq, vocab], got {:?}", logits.shape());
         let (b, t, v) = (logits.shape()[0], logits.shape()[1], logits.shape()[2]);
         ensure_shape!(labels.shape() == [b, t], "loss", "labels {:?} do not match logits [{b}, {t}, {v}]", labels.shape());
-        ops::cross_entropy(&ops::reshape(logits, &[b * t, v])?, &crate::loss::shifted_targets(labels)?)
+        let targets = crate::loss::shifted_targets(labels)?.to_device(logits.device())?;
+        ops::cross_entropy(&ops::reshape(logits, &[b * t, v])?, &targets)
     }
 
     /// This model, ready to carry adapters of type `B`, with adapter `name` attached per `cfg`.

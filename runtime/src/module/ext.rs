@@ -138,7 +138,11 @@ pub trait ModuleExt: Module {
 
     /// Moves every parameter to `device`.
     fn to_device(&mut self, device: Device) -> Result<()> {
-        self.map_parameters(&mut |_, t| t.to_device(device))
+        // A moved parameter stays trainable if it was.
+        self.map_parameters(&mut |_, t| {
+            let moved = t.to_device(device)?;
+            Ok(if t.requires_grad_flag() && !moved.requires_grad_flag() { moved.requires_grad() } else { moved })
+        })
     }
 }
 

@@ -3,23 +3,35 @@
 //! blocks). `Ŵ` is produced a tile of output rows at a time inside the matmul, so the whole f32
 //! weight never exists. Backward: `dx = dy·Ŵ` (tiled the same way) and `db = Σ_rows dy`; the base is
 //! frozen, so there is no weight gradient.
+//!
+//! On CUDA (`x` on a device) the product runs in `kernels/cuda/nf4.cu` (fused dequant-GEMM for small
+//! row counts, dequantise-then-cuBLASLt for large ones; see `backend::cuda::nf4`) in `x`'s dtype
+//! (F32, BF16, F16), bitsandbytes NF4/FP4 only (GGUF blocks are refused there with an Unsupported
+//! error). The bias add and its gradient go through device-agnostic storage ops.
 
 use super::output;
 use crate::autograd::GradFn;
 use crate::backend::cpu::quant_linear;
+use crate::backend::cuda::nf4 as cuda_nf4;
 use crate::backend::{BackendStorage, CpuStorage, Storage};
 use crate::error::{ensure_shape, Error, Result};
 use crate::quant::QuantizedWeight;
 use crate::tensor::Tensor;
-use crate::Device;
 use std::sync::Arc;
 
-/// Runs the tiled kernel on `x`'s storage (F32 or F64).
-fn run(op: &'static str, x: &Tensor, f32k: impl Fn(&[f32]) -> Vec<f32>, f64k: impl Fn(&[f64]) -> Vec<f64>) -> Result<Storage> {
+/// Runs the tiled kernel on `x`'s storage (F32 or F64 on the CPU; the CUDA kernel `cudak` on a device).
+fn run(
+    op: &'static str,
+    x: &Tensor,
+    f32k: impl Fn(&[f32]) -> Vec<f32>,
+    f64k: impl Fn(&[f64]) -> Vec<f64>,
+    cudak: impl Fn(&crate::backend::cuda::CudaStorage) -> Result<crate::backend::cuda::CudaStorage>,
+) -> Result<Storage> {
     let s = x.contiguous_storage()?;
     Ok(match &*s {
         Storage::Cpu(CpuStorage::F32(v)) => Storage::Cpu(CpuStorage::F32(f32k(v))),
         Storage::Cpu(CpuStorage::F64(v)) => Storage::Cpu(CpuStorage::F64(f64k(v))),
+        Storage::Cuda(c) => Storage::Cuda(cudak(c)?),
         other => return Err(Error::dtype(op, format!("input of dtype {} (the quantised linear computes in F32 or F64)", other.dtype()))),
     })
 }
@@ -44,7 +56,13 @@ impl GradFn for LinearQuantizedBackward {
         let rows = self.x.elem_count() / in_f.max(1);
         let dx = if self.x.requires_grad_flag() {
             let w = &self.w;
-            let s = run("linear_quantized backward", g, |dy| quant_linear::input_grad(dy, rows, w), |dy| quant_linear::input_grad(dy, rows, w))?;
+            let s = run(
+                "linear_quantized backward",
+                g,
+                |dy| quant_linear::input_grad(dy, rows, w),
+                |dy| quant_linear::input_grad(dy, rows, w),
+                |dy| cuda_nf4::input_grad(dy, w, rows, cuda_nf4::Path::Auto),
+            )?;
             Some(Tensor::from_storage(s, self.x.shape())?)
         } else {
             None
@@ -53,7 +71,8 @@ impl GradFn for LinearQuantizedBackward {
         if let Some(b) = &self.b {
             let db = if b.requires_grad_flag() {
                 let g2 = super::reshape(&g.contiguous()?, &[rows, out_f])?;
-                let ones = Tensor::from_vec(vec![1.0f64; rows], &[1, rows], Device::Cpu)?.to_dtype(g.dtype())?;
+                // A row of ones on g's device in g's dtype (0·0 + 1 = 1 exactly).
+                let ones = Tensor::from_storage(Storage::zeros(g.device(), g.dtype(), rows)?.affine(0.0, 1.0)?, &[1, rows])?;
                 Some(super::reshape(&super::matmul(&ones, &g2, false, false)?, b.shape())?)
             } else {
                 None
@@ -69,7 +88,8 @@ pub fn linear_quantized(x: &Tensor, w: &Arc<QuantizedWeight>, bias: Option<&Tens
     let [out_f, in_f] = w.shape();
     ensure_shape!(x.shape().last() == Some(&in_f), "linear_quantized", "input {:?} does not end in in_features {in_f} of the quantised weight {:?}", x.shape(), w.shape());
     let rows = x.elem_count() / in_f.max(1);
-    let mut storage = run("linear_quantized", x, |v| quant_linear::forward(v, rows, w), |v| quant_linear::forward(v, rows, w))?;
+    let mut storage =
+        run("linear_quantized", x, |v| quant_linear::forward(v, rows, w), |v| quant_linear::forward(v, rows, w), |v| cuda_nf4::forward(v, w, rows, cuda_nf4::Path::Auto))?;
     if let Some(b) = bias {
         ensure_shape!(b.shape() == [out_f], "linear_quantized", "bias {:?} for a quantised weight {:?}", b.shape(), w.shape());
         storage = storage.add_row(&*b.to_dtype(x.dtype())?.contiguous_storage()?, out_f)?;
@@ -88,10 +108,11 @@ mod tests {
     use super::*;
     use crate::autograd::gradcheck::{max_gradient_error, test_values};
     use crate::quant::{Bnb4bitConfig, QuantType};
+    use crate::Device;
 
     /// A `[out, in]` NF4 weight (odd element count, blocks crossing rows, a partial last block).
     fn weight(out: usize, inp: usize, seed: u64) -> Arc<QuantizedWeight> {
-        let w = Tensor::from_vec(test_values(out * inp, seed).iter().map(|v| *v as f32).collect(), &[out, inp], Device::Cpu).unwrap();
+        let w = Tensor::from_vec(test_values(out * inp, seed).iter().map(|v| *v as f32).collect(), &[out, inp], Device::default()).unwrap();
         Arc::new(QuantizedWeight::quantize_bnb(&w, Bnb4bitConfig { quant_type: QuantType::Nf4, blocksize: 64, double_quant: true }).unwrap())
     }
 
@@ -99,8 +120,8 @@ mod tests {
     fn forward_and_input_gradient_equal_the_dense_layer_on_the_dequantised_weight() {
         let w = weight(300, 7, 1); // 3 tiles (128 + 128 + 44 rows), 2100 elements, 33 blocks (last partial)
         let dense = w.dequantize().unwrap();
-        let b = Tensor::from_vec(test_values(300, 3).iter().map(|v| *v as f32).collect(), &[300], Device::Cpu).unwrap();
-        let x = Tensor::from_vec(test_values(2 * 3 * 7, 2).iter().map(|v| *v as f32).collect(), &[2, 3, 7], Device::Cpu).unwrap().requires_grad();
+        let b = Tensor::from_vec(test_values(300, 3).iter().map(|v| *v as f32).collect(), &[300], Device::default()).unwrap();
+        let x = Tensor::from_vec(test_values(2 * 3 * 7, 2).iter().map(|v| *v as f32).collect(), &[2, 3, 7], Device::default()).unwrap().requires_grad();
         let y4 = linear_quantized(&x, &w, Some(&b)).unwrap();
         let yd = super::super::linear(&x, &dense, Some(&b)).unwrap();
         let (a, d) = (y4.to_vec::<f32>().unwrap(), yd.to_vec::<f32>().unwrap());
@@ -126,7 +147,7 @@ mod tests {
     #[test]
     fn an_integer_input_is_refused_with_the_op_name() {
         let w = weight(4, 6, 1);
-        let x = Tensor::from_vec(vec![1i64; 6], &[1, 6], Device::Cpu).unwrap();
+        let x = Tensor::from_vec(vec![1i64; 6], &[1, 6], Device::default()).unwrap();
         let e = linear_quantized(&x, &w, None).unwrap_err().to_string();
         assert!(e.contains("linear_quantized"), "{e}");
     }

@@ -1,10 +1,13 @@
-//! AdamW over a set of parameters, with f32 moment state kept beside each parameter.
-//! The update itself is a backend op (`backend::cpu::adamw`).
+//! AdamW over a set of parameters, with f32 moment state kept beside each parameter (on its device).
+//! The update itself is a backend op (`backend::cpu::adamw`, `backend::cuda::adamw`). On CUDA all
+//! parameters of a device are updated by one multi-tensor launch per step, and bf16/f16 parameters
+//! train through an f32 master copy that the kernel rounds back into the parameter.
 
 use crate::autograd::Grads;
 use crate::backend::{AdamWStep, BackendStorage, Storage};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
+use std::collections::BTreeMap;
 
 /// Decoupled-weight-decay Adam (Loshchilov & Hutter), as `torch.optim.AdamW` computes it.
 ///
@@ -25,6 +28,8 @@ pub struct AdamW {
     lr_scales: Vec<f64>,
     m: Vec<Storage>,
     v: Vec<Storage>,
+    /// F32 master weights of bf16/f16 parameters (CUDA only), by parameter index.
+    master: Vec<Option<Storage>>,
     pub lr: f64,
     pub beta1: f64,
     pub beta2: f64,
@@ -37,7 +42,19 @@ impl AdamW {
     /// AdamW with PyTorch's defaults (betas 0.9/0.999, eps 1e-8, weight decay 0.01).
     pub fn new(params: Vec<Tensor>, lr: f64) -> AdamW {
         let lr_scales = vec![1.0; params.len()];
-        AdamW { params, lr_scales, m: vec![], v: vec![], lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step: 0 }
+        AdamW {
+            params,
+            lr_scales,
+            m: vec![],
+            v: vec![],
+            master: vec![],
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            step: 0,
+        }
     }
 
     /// AdamW where parameter `i` learns at `lr · scale_i` (its weight decay too, as a torch
@@ -64,55 +81,144 @@ impl AdamW {
             let n = self.params[i].shape();
             out.push((format!("m.{i}"), Tensor::from_storage(m.clone(), n)?));
             out.push((format!("v.{i}"), Tensor::from_storage(v.clone(), n)?));
+            if let Some(Some(w)) = self.master.get(i) {
+                out.push((format!("master.{i}"), Tensor::from_storage(w.clone(), n)?));
+            }
         }
         Ok(out)
     }
 
-    /// Restores [`AdamW::state`] (shapes checked against the parameters).
+    /// Restores [`AdamW::state`] (shapes checked against the parameters; the state moves to each
+    /// parameter's device). A bf16/f16 parameter without a saved `master.{i}` starts its master from
+    /// the parameter.
     pub fn load_state(&mut self, get: &dyn Fn(&str) -> Result<Option<Tensor>>) -> Result<()> {
         let step = get("step")?.ok_or_else(|| Error::Input("optimizer state has no `step`".into()))?;
         self.step = step.to_vec::<i64>()?[0] as u64;
-        let (mut m, mut v) = (Vec::new(), Vec::new());
+        let (mut m, mut v, mut master) = (Vec::new(), Vec::new(), Vec::new());
         if self.step > 0 {
             for (i, p) in self.params.iter().enumerate() {
                 for (name, dst) in [(format!("m.{i}"), &mut m), (format!("v.{i}"), &mut v)] {
                     let t = get(&name)?.ok_or_else(|| Error::Input(format!("optimizer state has no `{name}`")))?;
                     if t.shape() != p.shape() || t.dtype() != DType::F32 {
-                        return Err(Error::Input(format!("optimizer state `{name}` is {} {:?}, the parameter is {:?}", t.dtype(), t.shape(), p.shape())));
+                        return Err(Error::Input(format!(
+                            "optimizer state `{name}` is {} {:?}, the parameter is {:?}",
+                            t.dtype(),
+                            t.shape(),
+                            p.shape()
+                        )));
                     }
-                    dst.push(t.contiguous_storage()?.clone());
+                    dst.push(t.to_device(p.device())?.contiguous_storage()?.clone());
                 }
+                let w = match get(&format!("master.{i}"))? {
+                    Some(t) if t.shape() == p.shape() && t.dtype() == DType::F32 => {
+                        Some(t.to_device(p.device())?.contiguous_storage()?.clone())
+                    }
+                    Some(t) => {
+                        return Err(Error::Input(format!(
+                            "optimizer state `master.{i}` is {} {:?}, the parameter is {:?}",
+                            t.dtype(),
+                            t.shape(),
+                            p.shape()
+                        )))
+                    }
+                    None => None,
+                };
+                master.push(w);
             }
         }
-        (self.m, self.v) = (m, v);
+        (self.m, self.v, self.master) = (m, v, master);
         Ok(())
     }
 
-    /// Bytes of optimizer state.
+    /// Bytes of optimizer state (moments and f32 master weights).
     pub fn state_bytes(&self) -> usize {
-        self.m.iter().chain(&self.v).map(|s| s.len() * 4).sum()
+        self.m.iter().chain(&self.v).chain(self.master.iter().flatten()).map(|s| s.len() * 4).sum()
     }
 
-    /// Applies one update from `grads`; parameters without a gradient are left as they are.
-    pub fn step(&mut self, grads: &Grads) -> Result<()> {
+    /// Creates the moments (zeros on each parameter's device) and the f32 masters of bf16/f16
+    /// parameters on CUDA, where missing.
+    fn ensure_state(&mut self) -> Result<()> {
         if self.m.is_empty() {
             for p in &self.params {
-                if p.dtype() != DType::F32 {
-                    return Err(Error::dtype("adamw", format!("parameter of dtype {} (AdamW keeps f32 weights)", p.dtype())));
-                }
                 self.m.push(Storage::zeros(p.device(), DType::F32, p.elem_count())?);
                 self.v.push(Storage::zeros(p.device(), DType::F32, p.elem_count())?);
             }
         }
+        self.master.resize_with(self.params.len(), || None);
+        for (p, w) in self.params.iter().zip(self.master.iter_mut()) {
+            match p.dtype() {
+                DType::F32 => *w = None,
+                DType::BF16 | DType::F16 if p.device().is_cuda() => {
+                    if w.is_none() {
+                        *w = Some(p.contiguous_storage()?.to_dtype(DType::F32)?);
+                    }
+                }
+                d => return Err(Error::dtype("adamw", format!("parameter of dtype {d} on {:?} (AdamW keeps f32 weights; bf16/f16 parameters train through an f32 master copy on CUDA)", p.device()))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one update from `grads`; parameters without a gradient are left as they are.
+    /// CUDA parameters are updated together: one multi-tensor launch per device.
+    pub fn step(&mut self, grads: &Grads) -> Result<()> {
+        self.ensure_state()?;
         self.step += 1;
-        let h = AdamWStep { lr: self.lr, beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay, step: self.step };
+        let h = AdamWStep {
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            step: self.step,
+        };
+        let mut on_cuda: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (i, p) in self.params.iter().enumerate() {
             let Some(g) = grads.get(p) else { continue };
+            if let crate::Device::Cuda(ord) = p.device() {
+                on_cuda.entry(ord).or_default().push(i);
+                continue;
+            }
             let g = g.contiguous_storage()?;
             let h = AdamWStep { lr: self.lr * self.lr_scales[i], ..h };
             p.storage_mut().adamw_step(&g, &mut self.m[i], &mut self.v[i], &h)?;
         }
+        for idx in on_cuda.values() {
+            self.cuda_step(idx, grads, &h)?;
+        }
         Ok(())
+    }
+
+    /// One multi-tensor update of parameters `idx` (all on one CUDA device, each with a gradient).
+    fn cuda_step(&mut self, idx: &[usize], grads: &Grads, h: &AdamWStep) -> Result<()> {
+        use crate::backend::cuda::adamw::{step_multi, MultiItem};
+        let want = |what: &str| Error::Input(format!("adamw: {what} of a CUDA parameter is not on the device"));
+        // One handle per storage: a parameter listed twice would take its write lock twice.
+        for (k, &i) in idx.iter().enumerate() {
+            if idx[..k].iter().any(|&j| self.params[j].same_storage(&self.params[i])) {
+                return Err(Error::Input(format!("adamw: parameter {i} shares its storage with an earlier parameter")));
+            }
+        }
+        let gs: Vec<_> =
+            idx.iter().map(|&i| grads.get(&self.params[i]).ok_or_else(|| want("gradient"))?.contiguous_storage()).collect::<Result<_>>()?;
+        let mut guards: Vec<_> = idx.iter().map(|&i| self.params[i].storage_mut()).collect();
+        let mut sel = vec![false; self.params.len()];
+        idx.iter().for_each(|&i| sel[i] = true);
+        let state = self.m.iter_mut().zip(self.v.iter_mut()).zip(self.master.iter_mut()).enumerate().filter(|(i, _)| sel[*i]);
+        let mut items = Vec::with_capacity(idx.len());
+        for (((i, ((m, v), w)), guard), g) in state.zip(guards.iter_mut()).zip(&gs) {
+            let (Storage::Cuda(m), Storage::Cuda(v), Storage::Cuda(p), Storage::Cuda(g)) = (m, v, &mut **guard, &**g) else {
+                return Err(want("state or gradient"));
+            };
+            let lr = self.lr * self.lr_scales[i];
+            let item = match w {
+                Some(Storage::Cuda(w)) => MultiItem { param: w, half: Some(p), grad: g, m, v, lr },
+                Some(Storage::Cpu(_)) => return Err(want("master weight")),
+                None => MultiItem { param: p, half: None, grad: g, m, v, lr },
+            };
+            items.push(item);
+        }
+        step_multi(&mut items, h)
     }
 }
 

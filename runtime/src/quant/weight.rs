@@ -18,6 +18,9 @@ use crate::formats::gguf::{self, GgmlType};
 use crate::tensor::{DType, Tensor};
 use crate::Device;
 use rayon::prelude::*;
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 /// How a [`QuantizedWeight`] stores its values.
 #[derive(Clone, Debug)]
@@ -25,7 +28,8 @@ enum Format {
     /// bitsandbytes: `tensors[0]` is the packed `weight` (U8, `[(n+1)/2, 1]`), `tensors[1]` the
     /// `weight.absmax` (f32 scales, read in place; or 8-bit codes, then `decoded` holds the f32
     /// scales, decoded once).
-    Bnb { quant_type: QuantType, blocksize: usize, code: [f32; 16], decoded: Option<Vec<f32>>, tensors: Vec<(String, Tensor)> },
+    /// `nested` is `(offset, nested_blocksize)` of double-quantised scales (what a device decodes them with).
+    Bnb { quant_type: QuantType, blocksize: usize, code: [f32; 16], decoded: Option<Vec<f32>>, nested: Option<(f32, usize)>, tensors: Vec<(String, Tensor)> },
     /// GGUF blocks, `row_bytes` per row; row `r` of the weight is stored row `perm[r]`.
     /// `blocks[0]` is the raw bytes as a U8 tensor named `weight` (visited for counting; GGUF
     /// blocks have no Hugging Face form, so saving a model with them is refused).
@@ -39,6 +43,22 @@ pub struct QuantizedWeight {
     /// The dtype the weight had before quantisation (and dequantises to).
     dtype: DType,
     format: Format,
+    /// Device copies (packed codes and decoded scales uploaded once per device ordinal), built by
+    /// the GPU backend on first use and shared by clones; see [`QuantizedWeight::device_cached`].
+    device_copies: Arc<Mutex<HashMap<usize, Arc<dyn Any + Send + Sync>>>>,
+}
+
+/// The host pieces of a bitsandbytes 4-bit weight, copied out for an upload to a device.
+#[derive(Clone, Debug)]
+pub struct BnbParts {
+    pub quant_type: QuantType,
+    pub blocksize: usize,
+    /// The 16-entry 4-bit table.
+    pub code: [f32; 16],
+    /// Two codes per byte, element 2j in the high nibble; `ceil(n/2)` bytes.
+    pub packed: Vec<u8>,
+    /// The scales as stored: plain f32, or the double-quantised codes with their nested state.
+    pub absmax: Absmax,
 }
 
 /// How `temper` quantises weights on load or in `temper quantize` (bitsandbytes' parameters).
@@ -132,8 +152,17 @@ impl QuantizedWeight {
             Absmax::Plain(_) => None,
             nested => Some(nested.values()?),
         };
+        let nested = match &s.absmax {
+            Absmax::Plain(_) => None,
+            Absmax::Nested { offset, nested_blocksize, .. } => Some((*offset, *nested_blocksize)),
+        };
         let tensors = w.to_safetensors_entries("")?.into_iter().map(|(k, t)| (k.trim_start_matches('.').to_string(), t)).collect();
-        Ok(QuantizedWeight { shape: [out, inp], dtype, format: Format::Bnb { quant_type: s.quant_type, blocksize: s.blocksize, code, decoded, tensors } })
+        Ok(QuantizedWeight {
+            shape: [out, inp],
+            dtype,
+            format: Format::Bnb { quant_type: s.quant_type, blocksize: s.blocksize, code, decoded, nested, tensors },
+            device_copies: Default::default(),
+        })
     }
 
     /// Quantises a dense `[out, in]` weight the way bitsandbytes does (byte-identical codes and
@@ -171,7 +200,7 @@ impl QuantizedWeight {
         }
         let n = data.len();
         let blocks = vec![("weight".to_string(), Tensor::from_vec(data, &[n], Device::Cpu)?)];
-        Ok(QuantizedWeight { shape, dtype: DType::F32, format: Format::Ggml { ty, row_bytes, perm, blocks } })
+        Ok(QuantizedWeight { shape, dtype: DType::F32, format: Format::Ggml { ty, row_bytes, perm, blocks }, device_copies: Default::default() })
     }
 
     /// `[out_features, in_features]`.
@@ -226,6 +255,40 @@ impl QuantizedWeight {
             Format::Bnb { tensors, .. } => tensors,
             Format::Ggml { blocks, .. } => blocks,
         }
+    }
+
+    /// The host pieces of a bitsandbytes weight (copied), for uploading to a device; `None` for GGUF blocks.
+    pub fn bnb_parts(&self) -> Result<Option<BnbParts>> {
+        let Format::Bnb { quant_type, blocksize, code, nested, tensors, .. } = &self.format else {
+            return Ok(None);
+        };
+        let get = |name: &str| tensors.iter().find(|(k, _)| k == name).map(|(_, t)| t).ok_or_else(|| Error::MissingTensor { path: "quantised weight".into(), name: name.into() });
+        let packed = get("weight")?.to_vec::<u8>()?;
+        let absmax = match nested {
+            None => Absmax::Plain(get("weight.absmax")?.to_vec::<f32>()?),
+            Some((offset, nested_blocksize)) => Absmax::Nested {
+                codes: get("weight.absmax")?.to_vec::<u8>()?,
+                nested_absmax: get("weight.nested_absmax")?.to_vec::<f32>()?,
+                nested_map: get("weight.nested_quant_map")?.to_vec::<f32>()?,
+                offset: *offset,
+                nested_blocksize: *nested_blocksize,
+            },
+        };
+        Ok(Some(BnbParts { quant_type: *quant_type, blocksize: *blocksize, code: *code, packed, absmax }))
+    }
+
+    /// The device copy kept under `key` (a device ordinal), made by `make` on first use and shared
+    /// by every clone of this weight afterwards.
+    pub fn device_cached<T: Any + Send + Sync>(&self, key: usize, make: impl FnOnce() -> Result<T>) -> Result<Arc<T>> {
+        let mut map = self.device_copies.lock().map_err(|_| Error::Unsupported("quantised weight's device cache poisoned by an earlier panic".into()))?;
+        if let Some(v) = map.get(&key) {
+            if let Ok(t) = v.clone().downcast::<T>() {
+                return Ok(t);
+            }
+        }
+        let t = Arc::new(make()?);
+        map.insert(key, t.clone());
+        Ok(t)
     }
 
     /// Writes rows `r0..r1` of the dequantised weight (row-major) into `out`, as f32 or f64.

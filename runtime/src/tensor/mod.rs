@@ -97,6 +97,7 @@ impl Tensor {
         let cpu = host_storage(data);
         let storage = match device {
             Device::Cpu => Storage::Cpu(cpu),
+            Device::Cuda(_) => Storage::Cpu(cpu).to_device(device)?,
         };
         Ok(Tensor::from_op(storage, shape, None))
     }
@@ -213,13 +214,14 @@ impl Tensor {
     pub fn to_vec<T: HostType>(&self) -> Result<Vec<T>> {
         ensure_dtype(self, T::DTYPE, "to_vec")?;
         let s = self.contiguous_storage()?;
-        Ok(host_slice::<T>(s.as_cpu()).to_vec())
+        let host = s.to_cpu()?;
+        Ok(host_slice::<T>(&host).to_vec())
     }
 
     /// The elements converted to f64 (any dtype).
     pub fn to_f64_vec(&self) -> Result<Vec<f64>> {
         let s = self.contiguous_storage()?;
-        Ok(s.as_cpu().to_f64_vec())
+        Ok(s.to_cpu()?.to_f64_vec())
     }
 
     /// The value of a one-element tensor as f64.
@@ -233,7 +235,8 @@ impl Tensor {
         if device == self.device() {
             return Ok(self.clone());
         }
-        Err(Error::Unsupported(format!("moving a tensor from {:?} to {device:?}", self.device())))
+        let s = self.contiguous_storage()?;
+        Ok(Tensor::from_op(s.to_device(device)?, self.shape(), None))
     }
 
     /// A copy converted to `dtype` (constant: no gradient flows through a dtype change).

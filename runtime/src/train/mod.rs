@@ -100,8 +100,10 @@ where
                 continue;
             }
             let w = n as f64 / total as f64;
-            let logits = self.model.forward(&batch.input)?;
-            let cx = StepCx::new(&self.model, &batch.input, &batch.labels, logits);
+            // Hidden states, not logits: the loss projects them chunk by chunk over the vocabulary
+            // (fused linear cross-entropy), so [tokens, vocab] logits are only formed if a term asks.
+            let hidden = self.model.hidden_states(&batch.input)?;
+            let cx = StepCx::from_hidden(&self.model, &batch.input, &batch.labels, hidden);
             let mut t = TermLog::new();
             let loss = crate::ops::scale(&self.loss.eval(&cx, &mut t)?, w)?;
             drop(cx);
@@ -144,7 +146,7 @@ where
                 if k == 0 {
                     continue;
                 }
-                nll += Llama::loss(&self.model.forward(&b.input)?, &b.labels)?.to_scalar()? * k as f64;
+                nll += crate::loss::causal_lm_loss(&self.model.hidden_states(&b.input)?, self.model.lm_head_weight(), &b.labels)?.to_scalar()? * k as f64;
                 n += k;
             }
             if n == 0 {

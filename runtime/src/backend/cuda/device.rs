@@ -1,0 +1,187 @@
+//! One CUDA device: its context, stream, BLAS handles and the kernel modules loaded on it.
+//!
+//! cudarc loads `libcuda` lazily and *panics* when it is missing, so every entry point goes
+//! through [`CudaDevice::get`], which first probes the libraries with `dlopen` and asks the driver
+//! for a device count, turning every absence into an [`Error::Unsupported`] that says what is
+//! missing.
+
+use crate::error::{Error, Result};
+use cudarc::cublas::CudaBlas;
+use cudarc::cublaslt::CudaBlasLT;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// A device in use.
+pub struct CudaDevice {
+    pub ordinal: usize,
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    /// `sm_XY` of the device (CUBINs are compiled for exactly this).
+    pub arch: String,
+    pub name: String,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    blas: OnceLock<std::result::Result<CudaBlas, String>>,
+    blaslt: OnceLock<std::result::Result<CudaBlasLT, String>>,
+    workspace: OnceLock<std::result::Result<CudaSlice<u8>, String>>,
+}
+
+/// cuBLASLt workspace bytes (32 MiB, what Hopper's kernels want).
+pub const LT_WORKSPACE: usize = 32 << 20;
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cuda:{} ({}, {})", self.ordinal, self.name, self.arch)
+    }
+}
+
+/// Turns a cudarc error into ours, naming what was being done.
+pub(crate) fn cuda_err<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> Error + '_ {
+    move |e| Error::Unsupported(format!("CUDA: {what}: {e:?}"))
+}
+
+static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<CudaDevice>>>> = OnceLock::new();
+static POISON: AtomicBool = AtomicBool::new(false);
+
+/// Whether the CUDA driver can be loaded and reports at least one device. Never panics.
+pub fn available() -> bool {
+    device_count().map(|n| n > 0).unwrap_or(false)
+}
+
+/// The number of CUDA devices, or why there are none.
+pub fn device_count() -> Result<usize> {
+    // SAFETY: probes the driver library with dlopen only.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(Error::Unsupported("no CUDA driver on this machine (libcuda.so could not be loaded)".into()));
+    }
+    let n = CudaContext::device_count().map_err(cuda_err("counting devices"))?;
+    Ok(n.max(0) as usize)
+}
+
+/// When set, every kernel output is filled with 0xFF bytes (NaN for floats) before the kernel
+/// runs, so parity checks catch elements a kernel forgot to write.
+pub fn set_poison_outputs(on: bool) {
+    POISON.store(on, Ordering::Relaxed);
+}
+
+impl CudaDevice {
+    /// The device `ordinal`, created on first use.
+    pub fn get(ordinal: usize) -> Result<Arc<CudaDevice>> {
+        let map = DEVICES.get_or_init(|| Mutex::new(HashMap::new()));
+        let mut map = map.lock().map_err(|_| Error::Unsupported("CUDA device table poisoned by an earlier panic".into()))?;
+        if let Some(d) = map.get(&ordinal) {
+            return Ok(d.clone());
+        }
+        let n = device_count()?;
+        if ordinal >= n {
+            return Err(Error::Input(format!("device cuda:{ordinal} does not exist: this machine has {n} CUDA device(s)")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(cuda_err("creating the context"))?;
+        // One stream per device and no cross-stream use: per-slice events would only cost time.
+        // SAFETY: all work of this backend is ordered on `stream`.
+        unsafe { ctx.disable_event_tracking() };
+        let (maj, min) = ctx.compute_capability().map_err(cuda_err("reading the compute capability"))?;
+        let name = ctx.name().unwrap_or_else(|_| "unknown".into());
+        let stream = ctx.default_stream();
+        let dev = Arc::new(CudaDevice {
+            ordinal,
+            ctx,
+            stream,
+            arch: format!("sm_{maj}{min}"),
+            name,
+            modules: Mutex::new(HashMap::new()),
+            blas: OnceLock::new(),
+            blaslt: OnceLock::new(),
+            workspace: OnceLock::new(),
+        });
+        map.insert(ordinal, dev.clone());
+        Ok(dev)
+    }
+
+    /// The kernel `name` of the file `module` (compiled for this device on first use).
+    pub fn func(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
+        let m = {
+            let mut mods = self.modules.lock().map_err(|_| Error::Unsupported("CUDA module table poisoned".into()))?;
+            match mods.get(module) {
+                Some(m) => m.clone(),
+                None => {
+                    let src = temper_kernels::source(module).ok_or_else(|| Error::Unsupported(format!("no kernel file `{module}.cu`")))?;
+                    let cubin = temper_kernels::cubin(src, &self.arch).map_err(Error::Unsupported)?;
+                    let m = self.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(cuda_err("loading a kernel module"))?;
+                    mods.insert(module, m.clone());
+                    m
+                }
+            }
+        };
+        m.load_function(name).map_err(|e| Error::Unsupported(format!("CUDA: kernel `{name}` in {module}.cu: {e:?}")))
+    }
+
+    /// cuBLAS (f32/f64 GEMMs in full precision).
+    pub fn blas(&self) -> Result<&CudaBlas> {
+        self.blas
+            .get_or_init(|| {
+                // SAFETY: dlopen probe only.
+                if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+                    return Err("cuBLAS (libcublas.so.13) cannot be loaded: put the CUDA toolkit's lib64 on LD_LIBRARY_PATH".into());
+                }
+                CudaBlas::new(self.stream.clone()).map_err(|e| format!("cublasCreate: {e:?}"))
+            })
+            .as_ref()
+            .map_err(|e| Error::Unsupported(e.clone()))
+    }
+
+    /// cuBLASLt (bf16/f16 GEMMs with f32 accumulation).
+    pub fn blaslt(&self) -> Result<&CudaBlasLT> {
+        self.blaslt
+            .get_or_init(|| {
+                // SAFETY: dlopen probe only.
+                if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+                    return Err("cuBLASLt (libcublasLt.so.13) cannot be loaded: put the CUDA toolkit's lib64 on LD_LIBRARY_PATH".into());
+                }
+                CudaBlasLT::new(self.stream.clone()).map_err(|e| format!("cublasLtCreate: {e:?}"))
+            })
+            .as_ref()
+            .map_err(|e| Error::Unsupported(e.clone()))
+    }
+
+    /// The device address of the cuBLASLt workspace ([`LT_WORKSPACE`] bytes).
+    pub fn lt_workspace(&self) -> Result<u64> {
+        let ws = self
+            .workspace
+            .get_or_init(|| self.stream.alloc_zeros::<u8>(LT_WORKSPACE).map_err(|e| format!("allocating the cuBLASLt workspace: {e:?}")))
+            .as_ref()
+            .map_err(|e| Error::Unsupported(e.clone()))?;
+        Ok(cudarc::driver::DevicePtr::device_ptr(ws, &self.stream).0)
+    }
+
+    /// An output buffer of `n` elements whose contents the kernel will overwrite (poisoned with
+    /// 0xFF bytes in parity runs, see [`set_poison_outputs`]).
+    pub fn alloc_out<T: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: the caller's kernel writes every element; in parity runs they are poisoned first.
+        let s = unsafe { self.stream.alloc::<T>(n.max(1)) }.map_err(cuda_err("allocating device memory"))?;
+        if POISON.load(Ordering::Relaxed) {
+            let bytes = n.max(1) * std::mem::size_of::<T>();
+            let (p, _g) = cudarc::driver::DevicePtr::device_ptr(&s, &self.stream);
+            // SAFETY: `p` points at `bytes` bytes owned by `s`, on this stream.
+            unsafe { cudarc::driver::result::memset_d8_async(p, 0xFF, bytes, self.stream.cu_stream()) }.map_err(cuda_err("poisoning an output"))?;
+        }
+        Ok(s)
+    }
+
+    /// A zero-filled buffer.
+    pub fn alloc_zeros<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.stream.alloc_zeros::<T>(n.max(1)).map_err(cuda_err("allocating device memory"))
+    }
+
+    /// Waits for all queued work (and surfaces asynchronous kernel errors).
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(cuda_err("synchronizing"))
+    }
+}
+
+/// A 1-D launch of `n` threads in blocks of `block`.
+pub fn grid_1d(n: usize, block: u32) -> LaunchConfig {
+    let blocks = n.div_ceil(block as usize).max(1) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+}
