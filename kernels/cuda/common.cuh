@@ -22,6 +22,14 @@ template <> __device__ __forceinline__ bf16 from_f<bf16>(float x) { return __flo
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ double from_f<double>(float x) { return (double)x; }
 
+// The accumulator type of a storage type (f32, f64 for f64) and stores with one rounding from it.
+template <typename T> struct Acc { typedef float t; };
+template <> struct Acc<double> { typedef double t; };
+__device__ __forceinline__ void put(float& d, float v) { d = v; }
+__device__ __forceinline__ void put(bf16& d, float v) { d = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void put(__half& d, float v) { d = __float2half_rn(v); }
+__device__ __forceinline__ void put(double& d, double v) { d = v; }
+
 // 16 bytes of T, loaded and stored with one 128-bit instruction (callers check alignment and
 // handle the tail elementwise).
 template <typename T> struct alignas(16) Pack128 {

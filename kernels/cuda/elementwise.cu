@@ -22,15 +22,6 @@
 // as the widest size dividing every byte offset, so they are dtype-agnostic. Each fast kernel has
 // a simple one-thread-per-element `_ref` kernel beside it (checked in parity).
 
-template <typename T> struct Acc { typedef float t; };
-template <> struct Acc<double> { typedef double t; };
-
-// Stores with one rounding from the compute type.
-__device__ __forceinline__ void put(float& d, float v) { d = v; }
-__device__ __forceinline__ void put(bf16& d, float v) { d = __float2bfloat16_rn(v); }
-__device__ __forceinline__ void put(__half& d, float v) { d = __float2half_rn(v); }
-__device__ __forceinline__ void put(double& d, double v) { d = v; }
-
 // Unfused arithmetic (matches the CPU backend, which never contracts to FMA).
 template <int OP> __device__ __forceinline__ float bop(float a, float b) {
     return OP == 0 ? __fadd_rn(a, b) : OP == 1 ? __fsub_rn(a, b) : __fmul_rn(a, b);

@@ -19,14 +19,6 @@
 // of repeated ids depends on timing (f32 atomics), so results may differ from the CPU in the last
 // bits. Reference: one thread per (v, c) output, scanning the tokens in order (the CPU's order).
 
-template <typename T> struct Acc { typedef float t; };
-template <> struct Acc<double> { typedef double t; };
-
-__device__ __forceinline__ void put(float& d, float v) { d = v; }
-__device__ __forceinline__ void put(bf16& d, float v) { d = __float2bfloat16_rn(v); }
-__device__ __forceinline__ void put(__half& d, float v) { d = __float2half_rn(v); }
-__device__ __forceinline__ void put(double& d, double v) { d = v; }
-
 // ---------------------------------------------------------------- forward
 // Launch: grid-stride, block 256 (8 warps = 8 tokens per block and step). row_units = dim·size/W.
 template <typename W>

@@ -17,14 +17,6 @@
 // one block adds the parts into out[0]. The reference is one thread adding in index order (the CPU
 // backend's order, in f64).
 
-template <typename T> struct Acc { typedef float t; };
-template <> struct Acc<double> { typedef double t; };
-
-__device__ __forceinline__ void put(float& d, float v) { d = v; }
-__device__ __forceinline__ void put(bf16& d, float v) { d = __float2bfloat16_rn(v); }
-__device__ __forceinline__ void put(__half& d, float v) { d = __float2half_rn(v); }
-__device__ __forceinline__ void put(double& d, double v) { d = v; }
-
 // ---------------------------------------------------------------- sum_rows
 // Launch: grid (ceil(cols / 32), chunks), block (32, 8). part: [chunks, cols] of Acc<T>.
 template <typename T>

@@ -369,20 +369,11 @@ pub fn linear_ce_backward(
 /// and both gradients against the unfused CPU `linear` + `token_nll`, with several chunks and a
 /// ragged last chunk.
 pub fn parity(p: &mut super::parity::Parity) -> Result<()> {
-    use crate::backend::Storage;
     use crate::ops;
     use crate::tensor::Tensor;
     use crate::Device;
 
-    fn cuda(t: &Tensor) -> Result<CudaStorage> {
-        match &*t.contiguous_storage()? {
-            Storage::Cuda(s) => s.try_clone(),
-            Storage::Cpu(_) => Err(Error::Input("expected a CUDA tensor".into())),
-        }
-    }
-    fn wrap(s: CudaStorage, shape: &[usize]) -> Result<Tensor> {
-        Tensor::from_storage(Storage::Cuda(s), shape)
-    }
+    use super::parity::{cuda_of as cuda, wrap};
     // Targets in 0..vocab with every 7th (and the first when rows > 1) ignored.
     fn targets(p: &mut super::parity::Parity, rows: usize, vocab: usize) -> Result<Tensor> {
         let ids = p.ids(&[rows], vocab as u64)?.to_vec::<u32>()?;

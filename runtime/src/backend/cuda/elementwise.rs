@@ -508,19 +508,8 @@ fn write_blocks_impl(
 
 // ------------------------------------------------------------------------------------------ parity
 
-/// The CUDA storage of a device tensor (a contiguous copy).
-pub(crate) fn cuda_of(t: &Tensor) -> Result<CudaStorage> {
-    let s = t.contiguous_storage()?;
-    match &*s {
-        Storage::Cuda(c) => c.try_clone(),
-        Storage::Cpu(_) => Err(Error::Input("parity: expected a CUDA tensor".into())),
-    }
-}
 
-/// A device result as a tensor of `shape`.
-pub(crate) fn wrap(s: CudaStorage, shape: &[usize]) -> Result<Tensor> {
-    Tensor::from_storage(Storage::Cuda(s), shape)
-}
+pub(crate) use super::parity::{cuda_of, wrap};
 
 /// Checks `gpu` against `cpu` (or records the error); `tol` overrides the dtype's tolerance.
 pub(crate) fn record(p: &mut Parity, kernel: &str, case: &str, dtype: DType, cpu: &Tensor, gpu: Result<Tensor>, tol: Option<f64>) {

@@ -12,7 +12,7 @@ use super::device::grid_1d;
 use super::gemm::{gemm_raw, Gemm};
 use super::nf4::{self, Path};
 use super::{launch, Arg, CudaStorage};
-use crate::backend::{BackendStorage, Storage};
+use crate::backend::BackendStorage;
 use crate::error::{Error, Result};
 use crate::quant::QuantizedWeight;
 use crate::tensor::{DType, Tensor};
@@ -250,16 +250,8 @@ pub fn backward(
     Ok(Grads { dx, da, db, dw })
 }
 
-fn cuda(t: &Tensor) -> Result<CudaStorage> {
-    match &*t.contiguous_storage()? {
-        Storage::Cuda(s) => s.try_clone(),
-        Storage::Cpu(_) => Err(Error::Input("lora parity: expected a device tensor".into())),
-    }
-}
+use super::parity::{cuda_of as cuda, wrap as on};
 
-fn on(s: CudaStorage, shape: &[usize]) -> Result<Tensor> {
-    Tensor::from_storage(Storage::Cuda(s), shape)
-}
 
 /// Parity: base none / dense / NF4 (double quant) / FP4 (plain), with and without bias, odd shapes,
 /// rows 1/7/300, f32 and bf16: the op (`ops::lora_linear`) forward and dx, dA, dB (and dW of a

@@ -222,12 +222,7 @@ pub fn input_grad(dy: &CudaStorage, w: &QuantizedWeight, rows: usize, path: Path
     product(dy, w, rows, true, path)
 }
 
-fn cuda(t: &Tensor) -> Result<CudaStorage> {
-    match &*t.contiguous_storage()? {
-        Storage::Cuda(s) => s.try_clone(),
-        Storage::Cpu(_) => Err(Error::Input("nf4 parity: expected a device tensor".into())),
-    }
-}
+use super::parity::cuda_of as cuda;
 
 /// Parity: NF4 and FP4, blocksize 64 and 128, plain and double-quantised scales, odd shapes, rows
 /// 1/7/300, f32 and bf16: the standalone dequantisation against the CPU's, the op (forward with a

@@ -118,6 +118,20 @@ impl Parity {
     }
 }
 
+/// The CUDA storage of a device tensor (a contiguous copy), for calling backend functions directly.
+pub fn cuda_of(t: &Tensor) -> Result<super::CudaStorage> {
+    let s = t.contiguous_storage()?;
+    match &*s {
+        crate::backend::Storage::Cuda(c) => c.try_clone(),
+        crate::backend::Storage::Cpu(_) => Err(Error::Input("parity: expected a CUDA tensor".into())),
+    }
+}
+
+/// A device result as a tensor of `shape`.
+pub fn wrap(s: super::CudaStorage, shape: &[usize]) -> Result<Tensor> {
+    Tensor::from_storage(crate::backend::Storage::Cuda(s), shape)
+}
+
 /// An op's parity cases.
 type Suite = fn(&mut Parity) -> Result<()>;
 

@@ -167,18 +167,9 @@ pub fn parity(p: &mut super::parity::Parity) -> Result<()> {
 }
 
 fn cases(p: &mut super::parity::Parity) -> Result<()> {
-    use crate::backend::Storage;
     use crate::tensor::Tensor;
 
-    fn cuda_of(t: &Tensor) -> Result<CudaStorage> {
-        match &*t.storage() {
-            Storage::Cuda(s) => s.try_clone(),
-            Storage::Cpu(_) => Err(Error::Input("rms_norm parity: expected a CUDA tensor".into())),
-        }
-    }
-    fn tensor(s: CudaStorage, shape: &[usize]) -> Result<Tensor> {
-        Tensor::from_storage(Storage::Cuda(s), shape)
-    }
+    use super::parity::{cuda_of, wrap as tensor};
 
     let eps = 1e-5;
     for dtype in [DType::F32, DType::BF16] {

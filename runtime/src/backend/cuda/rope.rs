@@ -91,12 +91,7 @@ fn cases(p: &mut super::parity::Parity) -> Result<()> {
     use crate::tensor::{DType, Tensor};
     use crate::Device;
 
-    fn cuda_of(t: &Tensor) -> Result<CudaStorage> {
-        match &*t.storage() {
-            Storage::Cuda(s) => s.try_clone(),
-            Storage::Cpu(_) => Err(Error::Input("rope parity: expected a CUDA tensor".into())),
-        }
-    }
+    use super::parity::cuda_of;
 
     let llama3 = RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192.0 };
     for dtype in [DType::F32, DType::BF16] {

@@ -82,18 +82,9 @@ pub fn parity(p: &mut super::parity::Parity) -> Result<()> {
 }
 
 fn cases(p: &mut super::parity::Parity) -> Result<()> {
-    use crate::backend::Storage;
-    use crate::tensor::{DType, Tensor};
+    use crate::tensor::DType;
 
-    fn cuda_of(t: &Tensor) -> Result<CudaStorage> {
-        match &*t.storage() {
-            Storage::Cuda(s) => s.try_clone(),
-            Storage::Cpu(_) => Err(Error::Input("swiglu parity: expected a CUDA tensor".into())),
-        }
-    }
-    fn on_gpu(s: CudaStorage, shape: &[usize]) -> Result<Tensor> {
-        Tensor::from_storage(Storage::Cuda(s), shape)
-    }
+    use super::parity::{cuda_of, wrap as on_gpu};
 
     for dtype in [DType::F32, DType::BF16] {
         for (shape, scale) in [
