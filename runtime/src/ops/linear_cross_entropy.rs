@@ -15,7 +15,6 @@
 
 use super::output;
 use crate::autograd::GradFn;
-use crate::backend::cpu::float::Float;
 use crate::backend::{cuda, BackendStorage, CpuStorage, MatmulParams, Storage};
 use crate::error::{ensure_shape, Error, Result};
 use crate::tensor::{DType, Tensor};
@@ -139,35 +138,7 @@ pub fn linear_cross_entropy_chunked(hidden: &Tensor, weight: &Tensor, targets: &
 
 // ------------------------------------------------------------------ CPU path
 
-/// F32 or F64 host vectors.
-trait Elem: Float {
-    fn slice(s: &CpuStorage) -> Option<&[Self]>;
-    fn wrap(v: Vec<Self>) -> CpuStorage;
-}
-impl Elem for f32 {
-    fn slice(s: &CpuStorage) -> Option<&[f32]> {
-        if let CpuStorage::F32(v) = s {
-            Some(v)
-        } else {
-            None
-        }
-    }
-    fn wrap(v: Vec<f32>) -> CpuStorage {
-        CpuStorage::F32(v)
-    }
-}
-impl Elem for f64 {
-    fn slice(s: &CpuStorage) -> Option<&[f64]> {
-        if let CpuStorage::F64(v) = s {
-            Some(v)
-        } else {
-            None
-        }
-    }
-    fn wrap(v: Vec<f64>) -> CpuStorage {
-        CpuStorage::F64(v)
-    }
-}
+use crate::backend::cpu::FloatVec as Elem;
 
 fn i64s(s: &CpuStorage) -> Result<&[i64]> {
     if let CpuStorage::I64(v) = s {

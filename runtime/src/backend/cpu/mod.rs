@@ -45,9 +45,13 @@ macro_rules! with_float {
 }
 
 /// Borrows the float vector of the same element type as a reference float slice.
-trait FloatVec: Float {
+pub(crate) trait FloatVec: Float {
     fn get(s: &CpuStorage) -> Option<&Vec<Self>>;
     fn wrap(v: Vec<Self>) -> CpuStorage;
+    /// The elements as a slice when `s` holds this type.
+    fn slice(s: &CpuStorage) -> Option<&[Self]> {
+        Self::get(s).map(|v| v.as_slice())
+    }
 }
 impl FloatVec for f32 {
     fn get(s: &CpuStorage) -> Option<&Vec<f32>> {
