@@ -17,7 +17,7 @@ use temper::quant::{Bnb4bitConfig, QuantType};
 use temper::ModuleExt;
 use temper::module::{Module, ParamRole};
 use temper::tokenizer::Tokenizer;
-use temper::{DType, Error, Result, Tensor};
+use temper::{DType, Device, Error, Result, Tensor};
 
 #[derive(Parser)]
 #[command(name = "temper", version, about = "LLM post-training in Rust")]
@@ -85,6 +85,9 @@ struct ForwardArgs {
     /// Comma-separated parameter names whose gradients to write as grad.NAME (needs labels).
     #[arg(long, value_delimiter = ',')]
     grads: Vec<String>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -123,6 +126,9 @@ struct GenerateArgs {
     /// Print {"token_ids": [...], "text": "..."}.
     #[arg(long)]
     json: bool,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -473,7 +479,12 @@ fn load_model(model: &Path, adapter: &Option<PathBuf>, opts: &LoadOptions) -> Re
 }
 
 fn forward(a: ForwardArgs) -> Result<()> {
-    with_loaded!(load_model(&a.model, &a.adapter, &a.quant.options()?)?, m => forward_with(m, &a))
+    let device = Device::parse(&a.device)?;
+    with_loaded!(load_model(&a.model, &a.adapter, &a.quant.options()?)?, m => {
+        let mut m = m;
+        m.to_device(device)?;
+        forward_with(m, &a)
+    })
 }
 
 /// The name `--grads` uses for a parameter: its PEFT key for adapter tensors, its HF name otherwise.
@@ -562,7 +573,12 @@ fn load_tokenizer(model: &Path) -> Result<Tokenizer> {
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
-    with_loaded!(load_model(&a.model, &a.adapter, &a.quant.options()?)?, m => generate_with(&m, &a))
+    let device = Device::parse(&a.device)?;
+    with_loaded!(load_model(&a.model, &a.adapter, &a.quant.options()?)?, m => {
+        let mut m = m;
+        m.to_device(device)?;
+        generate_with(&m, &a)
+    })
 }
 
 fn generate_with<A: Adapter>(model: &Llama<A>, a: &GenerateArgs) -> Result<()> {
