@@ -47,6 +47,11 @@ fn vec_grid(n: usize, dtype: DType) -> LaunchConfig {
     strided_grid(n.div_ceil(16 / dtype.size_in_bytes()))
 }
 
+/// The kernel `<op>_<dtype>` with its 128-bit grid, or the reference `<op>_ref_<dtype>` with one thread per element.
+fn variant(op: &str, x: &CudaStorage, n: usize, reference: bool) -> Result<(String, LaunchConfig)> {
+    Ok(if reference { (format!("{op}_ref_{}", x.sfx()), full_grid(n)?) } else { (format!("{op}_{}", x.sfx()), vec_grid(n, x.dtype())) })
+}
+
 /// Errors unless `x` is a float dtype the kernels instantiate and every other operand matches it.
 pub(crate) fn float_check(op: &'static str, x: &CudaStorage, others: &[&CudaStorage]) -> Result<()> {
     if !matches!(x.dtype(), DType::F32 | DType::F64 | DType::BF16 | DType::F16) {
@@ -285,11 +290,7 @@ fn binary_impl(a: &CudaStorage, b: &CudaStorage, op: BinaryOp, reference: bool) 
         BinaryOp::Sub => "sub",
         BinaryOp::Mul => "mul",
     };
-    let (name, cfg) = if reference {
-        (format!("{op}_ref_{}", a.sfx()), full_grid(n)?)
-    } else {
-        (format!("{op}_{}", a.sfx()), vec_grid(n, a.dtype()))
-    };
+    let (name, cfg) = variant(op, a, n, reference)?;
     // extern "C" <op>[_ref]_<dtype>(const T* a, const T* b, T* y, u64 n)
     launch(&a.dev, M, &name, cfg, &[a.arg(), b.arg(), out.arg(), Arg::U64(n as u64)])?;
     Ok(out)
@@ -314,11 +315,7 @@ fn affine_impl(x: &CudaStorage, mul: f64, add: f64, reference: bool) -> Result<C
     if n == 0 {
         return Ok(out);
     }
-    let (name, cfg) = if reference {
-        (format!("affine_ref_{}", x.sfx()), full_grid(n)?)
-    } else {
-        (format!("affine_{}", x.sfx()), vec_grid(n, x.dtype()))
-    };
+    let (name, cfg) = variant("affine", x, n, reference)?;
     // extern "C" affine[_ref]_<dtype>(const T* x, T* y, u64 n, double mul, double add)
     launch(
         &x.dev,
@@ -351,11 +348,7 @@ fn add_assign_impl(a: &mut CudaStorage, b: &CudaStorage, reference: bool) -> Res
     if n == 0 {
         return Ok(());
     }
-    let (name, cfg) = if reference {
-        (format!("add_assign_ref_{}", a.sfx()), full_grid(n)?)
-    } else {
-        (format!("add_assign_{}", a.sfx()), vec_grid(n, a.dtype()))
-    };
+    let (name, cfg) = variant("add_assign", a, n, reference)?;
     // extern "C" add_assign[_ref]_<dtype>(T* a, const T* b, u64 n)
     launch(&a.dev, M, &name, cfg, &[a.arg(), b.arg(), Arg::U64(n as u64)])
 }
@@ -395,11 +388,7 @@ fn row_impl(a: &CudaStorage, row: &CudaStorage, cols: usize, op: &'static str, r
     if n == 0 {
         return Ok(out);
     }
-    let (name, cfg) = if reference {
-        (format!("{op}_ref_{}", a.sfx()), full_grid(n)?)
-    } else {
-        (format!("{op}_{}", a.sfx()), vec_grid(n, a.dtype()))
-    };
+    let (name, cfg) = variant(op, a, n, reference)?;
     // extern "C" <op>[_ref]_<dtype>(const T* a, const T* row, T* y, u64 n, u64 cols)
     launch(
         &a.dev,
