@@ -59,6 +59,13 @@ pub fn device_count() -> Result<usize> {
     Ok(n.max(0) as usize)
 }
 
+/// Whether `TEMPER_CUDA_SYNC` is set: synchronise after every launch so a faulting kernel is
+/// named (read once; launches are a hot path).
+pub fn sync_each_launch() -> bool {
+    static SYNC: OnceLock<bool> = OnceLock::new();
+    *SYNC.get_or_init(|| std::env::var_os("TEMPER_CUDA_SYNC").is_some())
+}
+
 /// When set, every kernel output is filled with 0xFF bytes (NaN for floats) before the kernel
 /// runs, so parity checks catch elements a kernel forgot to write.
 pub fn set_poison_outputs(on: bool) {

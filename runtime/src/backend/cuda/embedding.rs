@@ -26,10 +26,6 @@ enum Mode {
     Reference,
 }
 
-fn debug() -> bool {
-    std::env::var_os("TEMPER_CUDA_SYNC").is_some()
-}
-
 fn ids_check(op: &'static str, ids: &CudaStorage, other: &CudaStorage) -> Result<()> {
     if ids.dtype() != DType::U32 {
         return Err(Error::dtype(op, format!("ids must be U32, got {}", ids.dtype())));
@@ -83,7 +79,7 @@ fn check_flag(flag: Option<CudaStorage>, ids: &CudaStorage, vocab: usize) -> Res
 
 /// Rows of `table` (`[vocab, dim]`, vocab = len / dim) for U32 `ids` → `[ids, dim]`.
 pub fn forward(table: &CudaStorage, ids: &CudaStorage, dim: usize) -> Result<CudaStorage> {
-    forward_impl(table, ids, dim, if debug() { Mode::Checked } else { Mode::Fast })
+    forward_impl(table, ids, dim, if super::device::sync_each_launch() { Mode::Checked } else { Mode::Fast })
 }
 
 /// [`forward`] that also reports an out-of-range id as an error (waits for the device).
@@ -141,7 +137,7 @@ fn forward_impl(table: &CudaStorage, ids: &CudaStorage, dim: usize, mode: Mode) 
 
 /// `dW[v] = Σ_{t: ids[t] = v} dy[t]` → `[vocab, dim]` in the dtype of `dy`.
 pub fn backward(dy: &CudaStorage, ids: &CudaStorage, vocab: usize, dim: usize) -> Result<CudaStorage> {
-    backward_impl(dy, ids, vocab, dim, if debug() { Mode::Checked } else { Mode::Fast })
+    backward_impl(dy, ids, vocab, dim, if super::device::sync_each_launch() { Mode::Checked } else { Mode::Fast })
 }
 
 /// [`backward`] that also reports an out-of-range id as an error (waits for the device).

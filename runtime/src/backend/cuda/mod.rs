@@ -117,7 +117,7 @@ pub fn launch(dev: &CudaDevice, module: &'static str, name: &str, cfg: LaunchCon
     // SAFETY: the argument list matches the kernel's signature (each op file states it beside the
     // launch) and every pointer is a live buffer of this device sized by the op's shape checks.
     unsafe { b.launch(cfg) }.map_err(|e| Error::Unsupported(format!("CUDA: launching {module}.cu:{name}: {e:?}")))?;
-    if std::env::var_os("TEMPER_CUDA_SYNC").is_some() {
+    if device::sync_each_launch() {
         dev.synchronize().map_err(|e| Error::Unsupported(format!("{e} (after {module}.cu:{name})")))?;
     }
     Ok(())
