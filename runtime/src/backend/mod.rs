@@ -52,6 +52,32 @@ impl Device {
     pub fn is_cuda(self) -> bool {
         matches!(self, Device::Cuda(_))
     }
+
+    /// Waits until all work queued on this device has finished (a no-op on the CPU, whose ops
+    /// return when done). Timings of GPU work read the clock after this.
+    pub fn synchronize(self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            Device::Cuda(i) => cuda::CudaDevice::get(i)?.synchronize(),
+        }
+    }
+
+    /// The device memory the backend's allocations hold and their high-water marks; `None` on the
+    /// CPU (whose measure is the process's peak resident set).
+    pub fn memory(self) -> Result<Option<cuda::MemStats>> {
+        match self {
+            Device::Cpu => Ok(None),
+            Device::Cuda(i) => cuda::CudaDevice::get(i)?.mem_stats().map(Some),
+        }
+    }
+
+    /// Restarts [`Device::memory`]'s high-water marks from the current use (no-op on the CPU).
+    pub fn reset_peak_memory(self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            Device::Cuda(i) => cuda::CudaDevice::get(i)?.reset_peak(),
+        }
+    }
 }
 
 /// Elementwise binary operations on same-shaped operands.

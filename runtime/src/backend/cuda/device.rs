@@ -8,9 +8,9 @@
 use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;
 use cudarc::cublaslt::CudaBlasLT;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// A device in use.
@@ -22,10 +22,18 @@ pub struct CudaDevice {
     pub arch: String,
     pub name: String,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// Kernel handles by file and name, with the dynamic shared memory each was raised to: a launch
+    /// looks its kernel up here instead of asking the driver (`cuModuleGetFunction`) every time.
+    functions: Mutex<HashMap<&'static str, KernelTable>>,
+    /// cuBLASLt plans (descriptors + the heuristic's algorithm) by GEMM shape, see `gemm.rs`.
+    pub(crate) gemm_plans: Mutex<HashMap<super::gemm::PlanKey, Arc<super::gemm::Plan>>>,
     blas: OnceLock<std::result::Result<CudaBlas, String>>,
     blaslt: OnceLock<std::result::Result<CudaBlasLT, String>>,
     workspace: OnceLock<std::result::Result<CudaSlice<u8>, String>>,
 }
+
+/// One kernel file's loaded kernels by name, with the dynamic shared memory each was raised to.
+type KernelTable = HashMap<String, (CudaFunction, u32)>;
 
 /// cuBLASLt workspace bytes (32 MiB, what Hopper's kernels want).
 pub const LT_WORKSPACE: usize = 32 << 20;
@@ -43,6 +51,30 @@ pub(crate) fn cuda_err<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> Erro
 
 static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<CudaDevice>>>> = OnceLock::new();
 static POISON: AtomicBool = AtomicBool::new(false);
+static LAUNCHES: AtomicU64 = AtomicU64::new(0);
+
+/// Kernel launches and cuBLASLt GEMMs queued so far by this process on every device: benchmarks
+/// read it before and after a step to report launches per step.
+pub fn launches() -> u64 {
+    LAUNCHES.load(Ordering::Relaxed)
+}
+
+pub(crate) fn count_launch() {
+    LAUNCHES.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Device memory of the stream-ordered pool this backend allocates from, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemStats {
+    /// Bytes held by live buffers now.
+    pub used: u64,
+    /// The most `used` has been since the device was opened or [`CudaDevice::reset_peak`].
+    pub used_high: u64,
+    /// Bytes the pool holds from the driver now (used + cached free blocks).
+    pub reserved: u64,
+    /// The most `reserved` has been.
+    pub reserved_high: u64,
+}
 
 /// Whether the CUDA driver can be loaded and reports at least one device. Never panics.
 pub fn available() -> bool {
@@ -98,10 +130,16 @@ impl CudaDevice {
             arch: format!("sm_{maj}{min}"),
             name,
             modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+            gemm_plans: Mutex::new(HashMap::new()),
             blas: OnceLock::new(),
             blaslt: OnceLock::new(),
             workspace: OnceLock::new(),
         });
+        // Freed blocks stay in the pool instead of going back to the driver at every synchronise:
+        // from the second training step on, allocations are served from memory the pool already
+        // holds (no cuMemMap/unmap inside the step), as PyTorch's caching allocator does.
+        let _ = dev.set_pool_attribute(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, u64::MAX);
         map.insert(ordinal, dev.clone());
         Ok(dev)
     }
@@ -122,6 +160,68 @@ impl CudaDevice {
             }
         };
         m.load_function(name).map_err(|e| Error::Unsupported(format!("CUDA: kernel `{name}` in {module}.cu: {e:?}")))
+    }
+
+    /// A kernel and the dynamic shared memory it may use, raising the kernel's limit the first
+    /// time a launch asks for more than the default 48 KiB.
+    pub fn kernel(&self, module: &'static str, name: &str, smem: u32) -> Result<CudaFunction> {
+        let mut fns = self.functions.lock().map_err(|_| Error::Unsupported("CUDA function table poisoned".into()))?;
+        let per_file = fns.entry(module).or_default();
+        if let Some((f, raised)) = per_file.get_mut(name) {
+            if smem <= (*raised).max(48 * 1024) {
+                return Ok(f.clone());
+            }
+        }
+        let f = self.func(module, name)?;
+        if smem > 48 * 1024 {
+            f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).map_err(cuda_err("raising the shared-memory limit"))?;
+        }
+        let raised = per_file.get(name).map_or(smem, |(_, r)| (*r).max(smem));
+        per_file.insert(name.to_string(), (f.clone(), raised));
+        Ok(f)
+    }
+
+    fn mem_pool(&self) -> Result<sys::CUmemoryPool> {
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: writes one pool handle for a valid device.
+        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device()) }.result().map_err(cuda_err("reading the memory pool"))?;
+        Ok(pool)
+    }
+
+    fn set_pool_attribute(&self, attr: sys::CUmemPool_attribute, value: u64) -> Result<()> {
+        let pool = self.mem_pool()?;
+        let mut v = value;
+        // SAFETY: the attributes set here (release threshold, high-water resets) take a u64 (cuuint64_t).
+        unsafe { sys::cuMemPoolSetAttribute(pool, attr, &mut v as *mut u64 as *mut std::ffi::c_void) }.result().map_err(cuda_err("setting a memory-pool attribute"))
+    }
+
+    /// What the stream-ordered pool holds (see [`MemStats`]). The cuBLASLt workspace counts; the
+    /// CUDA context and loaded modules do not (as in PyTorch's `max_memory_allocated`).
+    pub fn mem_stats(&self) -> Result<MemStats> {
+        self.synchronize()?;
+        let pool = self.mem_pool()?;
+        let get = |attr| -> Result<u64> {
+            let mut v = 0u64;
+            // SAFETY: the four counters read here are u64 (cuuint64_t) attributes.
+            unsafe { sys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut std::ffi::c_void) }.result().map_err(cuda_err("reading a memory-pool counter"))?;
+            Ok(v)
+        };
+        use sys::CUmemPool_attribute as A;
+        Ok(MemStats {
+            used: get(A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
+            used_high: get(A::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+            reserved: get(A::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?,
+            reserved_high: get(A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
+        })
+    }
+
+    /// Starts the high-water marks of [`CudaDevice::mem_stats`] again from the current use.
+    pub fn reset_peak(&self) -> Result<()> {
+        self.synchronize()?;
+        use sys::CUmemPool_attribute as A;
+        // The driver only accepts 0, which resets the mark to the current value.
+        self.set_pool_attribute(A::CU_MEMPOOL_ATTR_USED_MEM_HIGH, 0)?;
+        self.set_pool_attribute(A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH, 0)
     }
 
     /// cuBLAS (f32/f64 GEMMs in full precision).

@@ -58,14 +58,39 @@ impl Gemm {
     }
 }
 
-struct Handles {
+/// What a cuBLASLt plan depends on: everything in [`Gemm`] but the scalars, and whether C is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct PlanKey {
+    dtype: DType,
+    shape: [usize; 10],
+    trans: (bool, bool),
+    accumulate: bool,
+}
+
+impl PlanKey {
+    fn of(dtype: DType, g: &Gemm) -> PlanKey {
+        PlanKey { dtype, shape: [g.m, g.n, g.k, g.lda, g.ldb, g.ldc, g.batch, g.stride_a, g.stride_b, g.stride_c], trans: (g.trans_a, g.trans_b), accumulate: g.beta != 0.0 }
+    }
+}
+
+/// A GEMM shape's cuBLASLt descriptors and the algorithm the heuristic chose for them. Built on a
+/// shape's first call and kept by the device: a training step repeats the same few dozen shapes,
+/// and building the descriptors plus asking the heuristic costs more host time than a small GEMM.
+pub(crate) struct Plan {
     desc: sys::cublasLtMatmulDesc_t,
     layouts: [sys::cublasLtMatrixLayout_t; 3],
     pref: sys::cublasLtMatmulPreference_t,
+    algo: sys::cublasLtMatmulAlgo_t,
 }
-impl Drop for Handles {
+
+// SAFETY: the descriptors are never modified after `Plan::new`; cuBLASLt only reads them, and
+// every matmul using them is issued on the device's one stream.
+unsafe impl Send for Plan {}
+unsafe impl Sync for Plan {}
+
+impl Drop for Plan {
     fn drop(&mut self) {
-        // SAFETY: each handle was created below and is destroyed exactly once.
+        // SAFETY: each handle was created in `Plan::new` and is destroyed exactly once.
         unsafe {
             for l in self.layouts {
                 if !l.is_null() {
@@ -82,19 +107,98 @@ impl Drop for Handles {
     }
 }
 
+fn types(dtype: DType) -> Result<(sys::cudaDataType_t, sys::cublasComputeType_t, sys::cudaDataType_t)> {
+    use sys::cublasComputeType_t::*;
+    use sys::cudaDataType_t::*;
+    Ok(match dtype {
+        DType::F32 => (CUDA_R_32F, CUBLAS_COMPUTE_32F, CUDA_R_32F),
+        DType::BF16 => (CUDA_R_16BF, CUBLAS_COMPUTE_32F, CUDA_R_32F),
+        DType::F16 => (CUDA_R_16F, CUBLAS_COMPUTE_32F, CUDA_R_32F),
+        DType::F64 => (CUDA_R_64F, CUBLAS_COMPUTE_64F, CUDA_R_64F),
+        d => return Err(Error::dtype("matmul", format!("CUDA GEMMs take float tensors, got {d}"))),
+    })
+}
+
+fn lt_err(what: &'static str) -> impl FnOnce(cudarc::cublaslt::result::CublasError) -> Error {
+    move |e| Error::Unsupported(format!("cuBLASLt {what}: {e:?}"))
+}
+
+impl Plan {
+    fn new(dev: &CudaDevice, dtype: DType, g: &Gemm) -> Result<Plan> {
+        let (data_ty, compute, scale_ty) = types(dtype)?;
+        let err = lt_err;
+        // Column-major description of the stored operands (see the module comment).
+        let (a_rows, a_cols) = if g.trans_b { (g.k, g.n) } else { (g.n, g.k) };
+        let (b_rows, b_cols) = if g.trans_a { (g.m, g.k) } else { (g.k, g.m) };
+        // SAFETY (zeroed algo): a plain array of integers, overwritten by the heuristic's choice below.
+        let mut h = Plan { desc: std::ptr::null_mut(), layouts: [std::ptr::null_mut(); 3], pref: std::ptr::null_mut(), algo: unsafe { std::mem::zeroed() } };
+        h.layouts[0] = lt::create_matrix_layout(data_ty, a_rows as u64, a_cols as u64, g.ldb as i64).map_err(err("layout"))?;
+        h.layouts[1] = lt::create_matrix_layout(data_ty, b_rows as u64, b_cols as u64, g.lda as i64).map_err(err("layout"))?;
+        h.layouts[2] = lt::create_matrix_layout(data_ty, g.n as u64, g.m as u64, g.ldc as i64).map_err(err("layout"))?;
+        if g.batch > 1 {
+            let count = g.batch as i32;
+            for (l, stride) in h.layouts.iter().zip([g.stride_b, g.stride_a, g.stride_c]) {
+                let stride = stride as i64;
+                // SAFETY: attribute buffers are plain values of the documented types (i32, i64).
+                unsafe {
+                    lt::set_matrix_layout_attribute(*l, sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count as *const i32 as *const c_void, 4)
+                        .map_err(err("batch count"))?;
+                    lt::set_matrix_layout_attribute(*l, sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride as *const i64 as *const c_void, 8)
+                        .map_err(err("batch stride"))?;
+                }
+            }
+        }
+        h.desc = lt::create_matmul_desc(compute, scale_ty).map_err(err("descriptor"))?;
+        // cublasOperation_t: CUBLAS_OP_N = 0, CUBLAS_OP_T = 1.
+        let op = |t: bool| -> i32 {
+            if t {
+                1
+            } else {
+                0
+            }
+        };
+        let (op_a, op_b) = (op(g.trans_b), op(g.trans_a));
+        // SAFETY: as above.
+        unsafe {
+            lt::set_matmul_desc_attribute(h.desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &op_a as *const _ as *const c_void, std::mem::size_of_val(&op_a))
+                .map_err(err("transa"))?;
+            lt::set_matmul_desc_attribute(h.desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, &op_b as *const _ as *const c_void, std::mem::size_of_val(&op_b))
+                .map_err(err("transb"))?;
+        }
+        h.pref = lt::create_matmul_pref().map_err(err("preference"))?;
+        let ws_size = super::device::LT_WORKSPACE as u64;
+        // SAFETY: as above.
+        unsafe {
+            lt::set_matmul_pref_attribute(h.pref, sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_size as *const u64 as *const c_void, 8)
+                .map_err(err("workspace"))?;
+        }
+        let handle = *dev.blaslt()?.handle();
+        // SAFETY: all descriptors are valid.
+        let heur = unsafe { lt::get_matmul_algo_heuristic(handle, h.desc, h.layouts[0], h.layouts[1], h.layouts[2], h.layouts[2], h.pref) }.map_err(err("no algorithm"))?;
+        h.algo = heur.algo;
+        Ok(h)
+    }
+}
+
+/// The device's plan for `g` on `dtype`, built on first use.
+fn plan(dev: &CudaDevice, dtype: DType, g: &Gemm) -> Result<std::sync::Arc<Plan>> {
+    let key = PlanKey::of(dtype, g);
+    let mut plans = dev.gemm_plans.lock().map_err(|_| Error::Unsupported("cuBLASLt plan table poisoned".into()))?;
+    if let Some(p) = plans.get(&key) {
+        return Ok(p.clone());
+    }
+    let p = std::sync::Arc::new(Plan::new(dev, dtype, g)?);
+    plans.insert(key, p.clone());
+    Ok(p)
+}
+
 /// Runs `g` on pointers into buffers of `dtype` on `dev`. The caller guarantees the buffers cover
 /// every element the strides address.
 pub fn gemm_raw(dev: &CudaDevice, dtype: DType, a: u64, b: u64, c: u64, g: &Gemm) -> Result<()> {
     if g.m == 0 || g.n == 0 || g.batch == 0 {
         return Ok(());
     }
-    let (data_ty, compute, scale_ty) = match dtype {
-        DType::F32 => (sys::cudaDataType_t::CUDA_R_32F, sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F),
-        DType::BF16 => (sys::cudaDataType_t::CUDA_R_16BF, sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F),
-        DType::F16 => (sys::cudaDataType_t::CUDA_R_16F, sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F),
-        DType::F64 => (sys::cudaDataType_t::CUDA_R_64F, sys::cublasComputeType_t::CUBLAS_COMPUTE_64F, sys::cudaDataType_t::CUDA_R_64F),
-        d => return Err(Error::dtype("matmul", format!("CUDA GEMMs take float tensors, got {d}"))),
-    };
+    types(dtype)?;
     if g.k == 0 {
         // C = β·C: nothing to multiply.
         if g.beta == 0.0 {
@@ -104,67 +208,18 @@ pub fn gemm_raw(dev: &CudaDevice, dtype: DType, a: u64, b: u64, c: u64, g: &Gemm
         }
         return Ok(());
     }
-    let ltb = dev.blaslt()?;
-    let err = |what: &'static str| move |e: cudarc::cublaslt::result::CublasError| Error::Unsupported(format!("cuBLASLt {what}: {e:?}"));
-    // Column-major description of the stored operands (see the module comment).
-    let (a_rows, a_cols) = if g.trans_b { (g.k, g.n) } else { (g.n, g.k) };
-    let (b_rows, b_cols) = if g.trans_a { (g.m, g.k) } else { (g.k, g.m) };
-    let mut h = Handles { desc: std::ptr::null_mut(), layouts: [std::ptr::null_mut(); 3], pref: std::ptr::null_mut() };
-    h.layouts[0] = lt::create_matrix_layout(data_ty, a_rows as u64, a_cols as u64, g.ldb as i64).map_err(err("layout"))?;
-    h.layouts[1] = lt::create_matrix_layout(data_ty, b_rows as u64, b_cols as u64, g.lda as i64).map_err(err("layout"))?;
-    h.layouts[2] = lt::create_matrix_layout(data_ty, g.n as u64, g.m as u64, g.ldc as i64).map_err(err("layout"))?;
-    if g.batch > 1 {
-        let count = g.batch as i32;
-        for (l, stride) in h.layouts.iter().zip([g.stride_b, g.stride_a, g.stride_c]) {
-            let stride = stride as i64;
-            // SAFETY: attribute buffers are plain values of the documented types (i32, i64).
-            unsafe {
-                lt::set_matrix_layout_attribute(*l, sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count as *const i32 as *const c_void, 4)
-                    .map_err(err("batch count"))?;
-                lt::set_matrix_layout_attribute(
-                    *l,
-                    sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
-                    &stride as *const i64 as *const c_void,
-                    8,
-                )
-                .map_err(err("batch stride"))?;
-            }
-        }
-    }
-    h.desc = lt::create_matmul_desc(compute, scale_ty).map_err(err("descriptor"))?;
-    // cublasOperation_t: CUBLAS_OP_N = 0, CUBLAS_OP_T = 1.
-    let op = |t: bool| -> i32 { if t { 1 } else { 0 } };
-    let (op_a, op_b) = (op(g.trans_b), op(g.trans_a));
-    // SAFETY: as above.
-    unsafe {
-        lt::set_matmul_desc_attribute(h.desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &op_a as *const _ as *const c_void, std::mem::size_of_val(&op_a))
-            .map_err(err("transa"))?;
-        lt::set_matmul_desc_attribute(h.desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, &op_b as *const _ as *const c_void, std::mem::size_of_val(&op_b))
-            .map_err(err("transb"))?;
-    }
+    let h = plan(dev, dtype, g)?;
     let ws = dev.lt_workspace()?;
-    h.pref = lt::create_matmul_pref().map_err(err("preference"))?;
-    let ws_size = super::device::LT_WORKSPACE as u64;
-    // SAFETY: as above.
+    let handle = *dev.blaslt()?.handle();
+    super::device::count_launch();
+    let (alpha64, beta64) = (g.alpha as f64, g.beta as f64);
+    let (pa, pb): (*const c_void, *const c_void) = if dtype == DType::F64 {
+        (&alpha64 as *const f64 as *const c_void, &beta64 as *const f64 as *const c_void)
+    } else {
+        (&g.alpha as *const f32 as *const c_void, &g.beta as *const f32 as *const c_void)
+    };
+    // SAFETY: the plan's descriptors are valid; pointers cover the described matrices (caller's contract).
     unsafe {
-        lt::set_matmul_pref_attribute(
-            h.pref,
-            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-            &ws_size as *const u64 as *const c_void,
-            8,
-        )
-        .map_err(err("workspace"))?;
-    }
-    let handle = *ltb.handle();
-    // SAFETY: all descriptors are valid; pointers cover the described matrices (caller's contract).
-    unsafe {
-        let heur = lt::get_matmul_algo_heuristic(handle, h.desc, h.layouts[0], h.layouts[1], h.layouts[2], h.layouts[2], h.pref).map_err(err("no algorithm"))?;
-        let (alpha64, beta64) = (g.alpha as f64, g.beta as f64);
-        let (pa, pb): (*const c_void, *const c_void) = if dtype == DType::F64 {
-            (&alpha64 as *const f64 as *const c_void, &beta64 as *const f64 as *const c_void)
-        } else {
-            (&g.alpha as *const f32 as *const c_void, &g.beta as *const f32 as *const c_void)
-        };
         lt::matmul(
             handle,
             h.desc,
@@ -178,12 +233,12 @@ pub fn gemm_raw(dev: &CudaDevice, dtype: DType, a: u64, b: u64, c: u64, g: &Gemm
             h.layouts[2],
             c as *mut c_void,
             h.layouts[2],
-            &heur.algo,
+            &h.algo,
             ws as *mut c_void,
             super::device::LT_WORKSPACE,
             dev.stream.cu_stream() as *mut _,
         )
-        .map_err(err("matmul"))?;
+        .map_err(lt_err("matmul"))?;
     }
     Ok(())
 }

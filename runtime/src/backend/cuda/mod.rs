@@ -25,7 +25,7 @@ use super::{AttnMasks, AttnShape, BackendStorage, BinaryOp, CpuStorage, Device, 
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Layout};
 use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
-pub use device::{available, device_count, set_poison_outputs, CudaDevice};
+pub use device::{available, device_count, launches, set_poison_outputs, CudaDevice, MemStats};
 use half::{bf16, f16};
 use std::sync::Arc;
 
@@ -95,14 +95,8 @@ pub enum Arg {
 /// Launches `module.cu`'s kernel `name` on `dev`'s stream. Shared memory above the 48 KiB default
 /// is opted into automatically.
 pub fn launch(dev: &CudaDevice, module: &'static str, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
-    let f = dev.func(module, name)?;
-    if cfg.shared_mem_bytes > 48 * 1024 {
-        f.set_attribute(
-            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            cfg.shared_mem_bytes as i32,
-        )
-        .map_err(device::cuda_err("raising the shared-memory limit"))?;
-    }
+    let f = dev.kernel(module, name, cfg.shared_mem_bytes)?;
+    device::count_launch();
     let mut b = dev.stream.launch_builder(&f);
     for a in args {
         match a {
