@@ -12,9 +12,13 @@ use std::sync::Arc;
 fn binary(a: &Tensor, b: &Tensor, op: BinaryOp, name: &'static str) -> Result<Tensor> {
     ensure_shape!(a.shape() == b.shape(), name, "operands have shapes {:?} and {:?}", a.shape(), b.shape());
     let s = a.contiguous_storage()?.binary(&*b.contiguous_storage()?, op)?;
-    Ok(output(s, a.shape(), &[a, b], || Arc::new(BinaryBackward { a: a.clone(), b: b.clone(), op })))
+    Ok(output(s, a.shape(), &[a, b], || {
+        let keep = |t: &Tensor| if op == BinaryOp::Mul { t.clone() } else { t.edge() };
+        Arc::new(BinaryBackward { a: keep(a), b: keep(b), op })
+    }))
 }
 
+/// `a` and `b` are [`Tensor::edge`]s for add and sub, whose gradients need no values.
 struct BinaryBackward {
     a: Tensor,
     b: Tensor,
@@ -75,7 +79,7 @@ impl GradFn for ScaleBackward {
 /// `c · a`.
 pub fn scale(a: &Tensor, c: f64) -> Result<Tensor> {
     let s = a.contiguous_storage()?.affine(c, 0.0)?;
-    Ok(output(s, a.shape(), &[a], || Arc::new(ScaleBackward { a: a.clone(), c })))
+    Ok(output(s, a.shape(), &[a], || Arc::new(ScaleBackward { a: a.edge(), c })))
 }
 
 struct SumBackward {
@@ -100,7 +104,7 @@ impl GradFn for SumBackward {
 pub fn sum(a: &Tensor) -> Result<Tensor> {
     let v = a.contiguous_storage()?.sum_all()?;
     let s = Storage::zeros(a.device(), a.dtype(), 1)?.affine(0.0, v)?;
-    Ok(output(s, &[], &[a], || Arc::new(SumBackward { a: a.clone() })))
+    Ok(output(s, &[], &[a], || Arc::new(SumBackward { a: a.edge() })))
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@
 
 use super::output;
 use crate::autograd::GradFn;
-use crate::backend::{cuda, BackendStorage, CpuStorage, MatmulParams, Storage};
+use crate::backend::{cuda, BackendStorage, CpuStorage, Storage};
 use crate::error::{ensure_shape, Error, Result};
 use crate::tensor::{DType, Tensor};
 use std::sync::Arc;
@@ -138,6 +138,7 @@ pub fn linear_cross_entropy_chunked(hidden: &Tensor, weight: &Tensor, targets: &
 
 // ------------------------------------------------------------------ CPU path
 
+use crate::backend::cpu::gemm::{self, Mat};
 use crate::backend::cpu::FloatVec as Elem;
 
 fn i64s(s: &CpuStorage) -> Result<&[i64]> {
@@ -148,12 +149,12 @@ fn i64s(s: &CpuStorage) -> Result<&[i64]> {
     }
 }
 
-/// `h[rows, d] · W[c0..c0+cols]ᵀ` as a `[rows, cols]` host vector.
+/// `h[rows, d] · W[c0..c0+cols]ᵀ` as a `[rows, cols]` host vector, reading the weight rows in
+/// place (a copy of the chunk would be a second lm_head when the chunk is the whole vocabulary).
 fn chunk_logits<T: Elem>(h: &CpuStorage, w: &[T], rows: usize, d: usize, c0: usize, cols: usize) -> Result<Vec<T>> {
-    let wc = T::wrap(w[c0 * d..(c0 + cols) * d].to_vec());
-    let p = MatmulParams { batch: 1, m: rows, n: cols, k: d, trans_a: false, trans_b: true, b_batched: false };
-    let out = h.matmul(&wc, &p)?;
-    Ok(T::slice(&out).ok_or_else(|| Error::dtype("linear_cross_entropy", "matmul changed the dtype"))?.to_vec())
+    let h = T::slice(h).ok_or_else(|| Error::dtype("linear_cross_entropy", "hidden states and weight disagree in dtype"))?;
+    let (a, b) = (Mat { data: h, ld: d, trans: false }, Mat { data: &w[c0 * d..(c0 + cols) * d], ld: d, trans: true });
+    Ok(gemm::matmul_new(rows, cols, d, a, b))
 }
 
 fn cpu_forward(h: &CpuStorage, w: &CpuStorage, y: &CpuStorage, d: usize, vocab: usize, chunk: usize) -> Result<(CpuStorage, CpuStorage)> {
@@ -251,19 +252,16 @@ fn cpu_backward_t<T: Elem>(
                 row[t as usize - c0] -= g[r];
             }
         }
-        let dzs = T::wrap(dz);
+        // dh += dz·W_c (accumulated in place) and dW_c = dzᵀ·h (written into its rows), both
+        // straight from and into the host buffers.
+        let dz = Mat { data: &dz[..], ld: cols, trans: false };
         if let Some(dh) = &mut dh {
-            let wc = T::wrap(w[c0 * d..(c0 + cols) * d].to_vec());
-            let p = MatmulParams { batch: 1, m: rows, n: d, k: cols, trans_a: false, trans_b: false, b_batched: false };
-            let part = dzs.matmul(&wc, &p)?;
-            for (a, &b) in dh.iter_mut().zip(T::slice(&part).unwrap_or(&[])) {
-                *a += b;
-            }
+            gemm::matmul(rows, d, cols, dz, Mat { data: &w[c0 * d..(c0 + cols) * d], ld: d, trans: false }, dh, d, true);
         }
         if let Some(dw) = &mut dw {
-            let p = MatmulParams { batch: 1, m: cols, n: d, k: rows, trans_a: true, trans_b: false, b_batched: false };
-            let part = dzs.matmul(h, &p)?;
-            dw[c0 * d..(c0 + cols) * d].copy_from_slice(T::slice(&part).unwrap_or(&[]));
+            let hs = T::slice(h).ok_or_else(|| Error::dtype("linear_cross_entropy backward", "hidden states and weight disagree in dtype"))?;
+            let dz_t = Mat { trans: true, ..dz };
+            gemm::matmul(cols, d, rows, dz_t, Mat { data: hs, ld: d, trans: false }, &mut dw[c0 * d..(c0 + cols) * d], d, false);
         }
     }
     Ok((dh.map(T::wrap), dw.map(T::wrap)))

@@ -110,7 +110,7 @@ pub fn rope(x: &Tensor, table: &RopeTable) -> Result<Tensor> {
     ensure_shape!(s[3] == table.head_dim, "rope", "head_dim {} but the table was built for {}", s[3], table.head_dim);
     ensure_shape!(table.cos.shape()[0] == s[0] * s[1], "rope", "{} table rows for {} tokens", table.cos.shape()[0], s[0] * s[1]);
     let y = x.contiguous_storage()?.rope(&*table.cos.contiguous_storage()?, &*table.sin.contiguous_storage()?, s[2], s[3], false)?;
-    Ok(output(y, s, &[x], || Arc::new(RopeBackward { x: x.clone(), table: table.clone() })))
+    Ok(output(y, s, &[x], || Arc::new(RopeBackward { x: x.edge(), table: table.clone() })))
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ impl GradFn for ReshapeBackward {
 pub fn reshape(a: &Tensor, shape: &[usize]) -> Result<Tensor> {
     let a = a.contiguous()?;
     let layout = a.layout().reshape(shape)?;
-    Ok(a.view(layout, Some(Arc::new(ReshapeBackward { a: a.clone() }))))
+    Ok(a.view(layout, Some(Arc::new(ReshapeBackward { a: a.edge() }))))
 }
 
 struct TransposeBackward {
@@ -101,7 +101,7 @@ fn scatter(out: &mut Storage, dst: &Layout, src: &Storage) -> Result<()> {
 /// Elements `start..start+len` along `dim` (a view).
 pub fn narrow(a: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tensor> {
     let layout = a.layout().narrow(dim, start, len)?;
-    Ok(a.view(layout, Some(Arc::new(NarrowBackward { a: a.clone(), dim, start }))))
+    Ok(a.view(layout, Some(Arc::new(NarrowBackward { a: a.edge(), dim, start }))))
 }
 
 struct CopyBackward {
@@ -122,7 +122,7 @@ impl GradFn for CopyBackward {
 /// A contiguous copy of a strided view.
 pub fn copy_contiguous(a: &Tensor) -> Result<Tensor> {
     let s = a.storage().copy_strided(a.layout())?;
-    Ok(output(s, a.shape(), &[a], || Arc::new(CopyBackward { a: a.clone() })))
+    Ok(output(s, a.shape(), &[a], || Arc::new(CopyBackward { a: a.edge() })))
 }
 
 #[cfg(test)]

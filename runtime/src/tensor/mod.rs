@@ -114,6 +114,27 @@ impl Tensor {
         if dtype == DType::F64 { Ok(t) } else { t.to_dtype(dtype) }
     }
 
+    /// This tensor's place in the autograd graph without its values: the same identity, shape,
+    /// gradient function and trainability, over an empty storage of the same device and dtype.
+    /// A backward that needs only its input's shape (add, sub, scale, sum, RoPE, reshape, copies)
+    /// keeps this instead of the input, so the forward's intermediate values are freed as soon
+    /// as the forward is done with them instead of living until the backward.
+    ///
+    /// Reading the values of an edge is a bug; its storage holds no elements.
+    pub(crate) fn edge(&self) -> Tensor {
+        match empty_storage(self.device(), self.dtype()) {
+            Some(storage) => Tensor(Arc::new(Inner {
+                id: self.0.id,
+                storage,
+                layout: self.0.layout.clone(),
+                grad_fn: self.0.grad_fn.clone(),
+                requires_grad: self.0.requires_grad,
+            })),
+            // No empty storage on this device (it failed to allocate): keep the values.
+            None => self.clone(),
+        }
+    }
+
     /// This tensor's identity.
     pub fn id(&self) -> TensorId {
         self.0.id
@@ -285,4 +306,18 @@ fn host_slice<T: HostType>(s: &CpuStorage) -> &[T] {
         CpuStorage::U32(v) => bytemuck::cast_slice(v),
         CpuStorage::U8(v) => bytemuck::cast_slice(v),
     }
+}
+
+/// One shared zero-length storage per device and dtype: the storage of every [`Tensor::edge`]
+/// (on a GPU, an edge then costs no allocation and no launch).
+fn empty_storage(device: Device, dtype: DType) -> Option<Arc<RwLock<Storage>>> {
+    type Empties = std::sync::Mutex<std::collections::HashMap<(Device, DType), Arc<RwLock<Storage>>>>;
+    static EMPTY: std::sync::OnceLock<Empties> = std::sync::OnceLock::new();
+    let mut map = EMPTY.get_or_init(Default::default).lock().ok()?;
+    if let Some(s) = map.get(&(device, dtype)) {
+        return Some(s.clone());
+    }
+    let s = Arc::new(RwLock::new(Storage::zeros(device, dtype, 0).ok()?));
+    map.insert((device, dtype), s.clone());
+    Some(s)
 }
