@@ -53,13 +53,30 @@ fn config(vocab: usize, hidden: usize, inter: usize, layers: usize, heads: usize
     }
 }
 
-/// The shapes `tools/bench_torch.py` knows: `small` and `smollm2`.
+/// [`shape`] with its layer count replaced (per-layer costs are the difference of two counts).
+pub fn shape_with_layers(name: &str, layers: Option<usize>) -> Result<Shape> {
+    let mut s = shape(name)?;
+    if let Some(n) = layers {
+        if n == 0 {
+            return Err(Error::Input("--layers must be at least 1".into()));
+        }
+        s.config.num_hidden_layers = n;
+        s.config.layer_windows = vec![None; n];
+    }
+    Ok(s)
+}
+
+/// The benchmark shapes: `tiny`, `small`, `smollm2` (SmolLM2-135M) and `llama-1b` (a ~1B Llama);
+/// `tools/bench_torch.py` and `tools/bench_gpu_torch.py` know the same ones.
 pub fn shape(name: &str) -> Result<Shape> {
     Ok(match name {
         "small" => Shape { name: "small", config: config(1000, 256, 688, 4, 8, 4, 10000.0, false), batch: 4, seq: 256 },
         "tiny" => Shape { name: "tiny", config: ModelConfig { head_dim: 16, ..config(512, 64, 128, 2, 4, 2, 10000.0, false) }, batch: 8, seq: 128 },
         "smollm2" => Shape { name: "smollm2", config: config(49152, 576, 1536, 30, 9, 3, 100000.0, true), batch: 1, seq: 256 },
-        other => return Err(Error::Input(format!("unknown bench shape `{other}` (expected tiny, small or smollm2)"))),
+        // A ~1B Llama (0.85 B parameters: hidden 2048, 16 layers, 32 heads, 8 KV heads): the GPU
+        // benchmarks' model (scripts/gpu-bench.sh).
+        "llama-1b" => Shape { name: "llama-1b", config: config(32000, 2048, 5632, 16, 32, 8, 10000.0, false), batch: 1, seq: 2048 },
+        other => return Err(Error::Input(format!("unknown bench shape `{other}` (expected tiny, small, smollm2 or llama-1b)"))),
     })
 }
 
@@ -240,59 +257,303 @@ pub fn train(shape: &Shape, steps: usize) -> Result<f64> {
     Ok((b * t * steps) as f64 / start.elapsed().as_secs_f64())
 }
 
-/// LoRA SFT steps as `tools/bench_sft_torch.py` times them: rank `r`, alpha 2r, all seven
-/// projections, AdamW over the adapter, CE over every token, two warm-up steps.
-/// Returns (tokens per second, milliseconds per step).
-pub fn lora_sft(shape: &Shape, steps: usize, batch: usize, seq: usize, r: usize) -> Result<(f64, f64)> {
-    let t = lora_sft_on(base_model(shape, None, BaseFormat::Dense(DType::F32))?, steps, batch, seq, r)?;
-    Ok((t.tokens_per_s, t.step_ms))
-}
-
-/// What [`lora_sft_on`] measured over the timed steps.
+/// Where and in what precision a benchmark runs (`--device`, `--bf16`).
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct SftTiming {
-    pub tokens_per_s: f64,
-    /// Wall-clock milliseconds per step.
-    pub step_ms: f64,
-    /// CPU milliseconds per step (user + system, all threads): less sensitive than wall time to
-    /// a shared VM's stolen time, though it counts worker threads' spinning too.
-    pub cpu_ms: f64,
+pub struct Placement {
+    pub device: Device,
+    /// Dense weights, adapters and activations in bf16 (AdamW keeps f32 masters); CUDA only.
+    pub bf16: bool,
+    /// Gradient checkpointing: each decoder layer's activations are recomputed in the backward
+    /// instead of kept (training workloads).
+    pub checkpoint: bool,
 }
 
-/// [`lora_sft`] on a given base model: LoRA over a dense base, QLoRA over a quantised one (the
-/// same adapter, optimiser and data; only the frozen base layers differ).
-pub fn lora_sft_on(base: Llama, steps: usize, batch: usize, seq: usize, r: usize) -> Result<SftTiming> {
+impl Placement {
+    /// The CPU in f32: what every CPU benchmark uses.
+    pub const CPU: Placement = Placement { device: Device::Cpu, bf16: false, checkpoint: false };
+
+    /// Errors on bf16 off the GPU (the CPU backend computes in f32).
+    pub fn check(&self) -> Result<()> {
+        if self.bf16 && !self.device.is_cuda() {
+            return Err(Error::Input("--bf16 needs --device cuda: the CPU backend computes in f32".into()));
+        }
+        Ok(())
+    }
+
+    /// Casts `model` to this precision and moves it to this device.
+    fn place<A: temper_runtime::adapters::Adapter>(&self, model: &mut Llama<A>) -> Result<()> {
+        model.gradient_checkpointing = self.checkpoint;
+        if self.bf16 {
+            model.to_dtype(DType::BF16)?;
+        }
+        if self.device.is_cuda() {
+            model.to_device(self.device)?;
+        }
+        Ok(())
+    }
+
+    fn dtype(&self) -> DType {
+        if self.bf16 {
+            DType::BF16
+        } else {
+            DType::F32
+        }
+    }
+}
+
+/// Peak memory of a benchmark: device pool bytes on a GPU, the process's resident set on the CPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Peak {
+    /// The most bytes live buffers held (PyTorch's `max_memory_allocated`); the CPU's peak RSS.
+    pub allocated: u64,
+    /// The most bytes the allocator held from the driver (PyTorch's `max_memory_reserved`).
+    pub reserved: u64,
+}
+
+/// [`Peak`] of `device` since it was opened or last reset. On the CPU `allocated` is the heap's
+/// live-bytes peak where the binary counts it ([`crate::heap`]), else the peak RSS.
+pub fn peak(device: Device) -> Result<Peak> {
+    Ok(match device.memory()? {
+        Some(m) => Peak { allocated: m.used_high, reserved: m.reserved_high },
+        None => {
+            let heap = crate::heap::peak() as u64;
+            Peak { allocated: if heap > 0 { heap } else { peak_rss_bytes() }, reserved: peak_rss_bytes() }
+        }
+    })
+}
+
+/// Bytes live now on `device` (the pool's used bytes, or the counted heap on the CPU).
+fn live_bytes(device: Device) -> Result<u64> {
+    Ok(match device.memory()? {
+        Some(m) => m.used,
+        None => crate::heap::current() as u64,
+    })
+}
+
+/// Restarts the peak of `device` (and of the CPU heap) from what is live now.
+fn reset_peaks(device: Device) -> Result<()> {
+    crate::heap::reset_peak();
+    device.reset_peak_memory()
+}
+
+/// Kernel launches (and cuBLASLt GEMMs) queued by this process so far; 0 on a machine without CUDA.
+pub fn launches() -> u64 {
+    temper_runtime::backend::cuda::launches()
+}
+
+/// What a training benchmark measured over its timed steps.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TrainTiming {
+    pub tokens_per_s: f64,
+    pub step_ms: f64,
+    pub peak: Peak,
+    /// The most bytes a timed step added on top of what was live before it (weights, adapters,
+    /// optimiser state): the step's activations, gradients and workspaces.
+    pub step_extra: u64,
+    /// CPU milliseconds per step (user + system, all threads): less sensitive than wall time to a
+    /// shared VM's stolen time, though it counts worker threads' spinning too.
+    pub cpu_ms: f64,
+    /// Kernel launches + GEMMs per step (0 on the CPU).
+    pub launches_per_step: f64,
+    pub final_loss: f64,
+}
+
+fn random_batch(vocab: usize, batch: usize, seq: usize) -> Result<temper_runtime::train::Batch> {
+    let ids = token_ids(batch * seq, vocab, 42);
+    Ok(temper_runtime::train::Batch { input: ForwardInput::ids(Tensor::from_vec(ids.clone(), &[batch, seq], Device::Cpu)?), labels: Tensor::from_vec(ids, &[batch, seq], Device::Cpu)? })
+}
+
+/// Times `steps` steps of `trainer` on one random batch after two warm-up steps (which also
+/// allocate the optimiser state), synchronising the device before reading the clock.
+fn time_steps(step: &mut dyn FnMut(&temper_runtime::train::Batch) -> Result<f64>, device: Device, vocab: usize, steps: usize, batch: usize, seq: usize) -> Result<TrainTiming> {
+    let b = random_batch(vocab, batch, seq)?;
+    for _ in 0..2 {
+        step(&b)?;
+    }
+    device.synchronize()?;
+    let (overall, base) = (peak(device)?, live_bytes(device)?);
+    reset_peaks(device)?;
+    let (start, l0, cpu0) = (Instant::now(), launches(), cpu_time_ms());
+    let mut loss = f64::NAN;
+    for _ in 0..steps {
+        loss = step(&b)?;
+    }
+    device.synchronize()?;
+    let secs = start.elapsed().as_secs_f64();
+    let n = steps.max(1) as f64;
+    let during = peak(device)?;
+    Ok(TrainTiming {
+        tokens_per_s: (batch * seq * steps) as f64 / secs,
+        step_ms: 1000.0 * secs / n,
+        peak: Peak { allocated: overall.allocated.max(during.allocated), reserved: overall.reserved.max(during.reserved) },
+        step_extra: during.allocated.saturating_sub(base),
+        cpu_ms: (cpu_time_ms() - cpu0) / n,
+        launches_per_step: (launches() - l0) as f64 / n,
+        final_loss: loss,
+    })
+}
+
+/// LoRA (QLoRA over a quantised base) SFT steps on `place`: rank `r`, alpha 2r, all seven
+/// projections, AdamW over the adapter, CE over every token, two warm-up steps; the workload
+/// `tools/bench_sft_torch.py` (CPU) and `tools/bench_gpu_torch.py` (GPU) time on PyTorch + PEFT.
+pub fn lora_sft_placed(base: Llama, place: Placement, steps: usize, batch: usize, seq: usize, r: usize) -> Result<TrainTiming> {
     use temper_runtime::adapters::{Lora, Targets};
+    place.check()?;
     if batch == 0 || seq < 2 {
         return Err(Error::Input(format!("lora-sft needs batch ≥ 1 and seq ≥ 2 (got batch {batch}, seq {seq})")));
     }
     let vocab = base.config.vocab_size;
-    let model = base.with_adapter("default", &Lora::config(r, 2.0 * r as f64).targets(Targets::AllLinear))?;
+    let mut model = base.with_adapter("default", &Lora::config(r, 2.0 * r as f64).targets(Targets::AllLinear))?;
+    place.place(&mut model)?;
     let mut trainer = temper_runtime::train::Trainer::new(model, temper_runtime::loss::ce(), AdamW::lr(1e-4));
-    let ids = token_ids(batch * seq, vocab, 42);
-    let b = temper_runtime::train::Batch {
-        input: ForwardInput::ids(Tensor::from_vec(ids.clone(), &[batch, seq], Device::Cpu)?),
-        labels: Tensor::from_vec(ids, &[batch, seq], Device::Cpu)?,
-    };
-    for _ in 0..2 {
-        trainer.step(&b)?;
-    }
-    let (start, cpu0) = (Instant::now(), cpu_time_ms());
-    for _ in 0..steps {
-        trainer.step(&b)?;
-    }
-    let secs = start.elapsed().as_secs_f64();
-    let n = steps.max(1) as f64;
-    Ok(SftTiming { tokens_per_s: (batch * seq * steps) as f64 / secs, step_ms: 1000.0 * secs / n, cpu_ms: (cpu_time_ms() - cpu0) / n })
+    time_steps(&mut |b| Ok(trainer.step(b)?.loss), place.device, vocab, steps, batch, seq)
 }
 
-/// Greedy generation, batch 1, a 16-token prompt, `new_tokens` new tokens, after one warm-up.
-pub fn generation(shape: &Shape, new_tokens: usize) -> Result<f64> {
-    let model = Llama::random(shape.config.clone(), 0.02, 0, DType::F32)?;
-    let prompt: Vec<u32> = token_ids(16, shape.config.vocab_size, 7).into_iter().map(|x| x as u32).collect();
+/// Full fine-tune steps (every weight trained, AdamW, fused CE) of the shape's random model.
+pub fn full_sft(shape: &Shape, place: Placement, steps: usize, batch: usize, seq: usize) -> Result<TrainTiming> {
+    place.check()?;
+    let mut model = Llama::random(shape.config.clone(), 0.02, 0, place.dtype())?;
+    model.unfreeze(".")?;
+    place.place(&mut model)?;
+    let mut trainer = temper_runtime::train::Trainer::new(model, temper_runtime::loss::ce(), AdamW::lr(1e-5));
+    time_steps(&mut |b| Ok(trainer.step(b)?.loss), place.device, shape.config.vocab_size, steps, batch, seq)
+}
+
+/// The longest sequence (batch 1, a multiple of `step`) for which one LoRA step of `base` fits
+/// in device memory, probing up from `start` by doubling to at most `limit`, then bisecting.
+/// Returns (longest that fit, shortest that did not, if any probe failed).
+pub fn max_seq(base: Llama, place: Placement, r: usize, start: usize, limit: usize, step: usize) -> Result<(usize, Option<usize>)> {
+    use temper_runtime::adapters::{Lora, Targets};
+    place.check()?;
+    let vocab = base.config.vocab_size;
+    let mut model = base.with_adapter("default", &Lora::config(r, 2.0 * r as f64).targets(Targets::AllLinear))?;
+    place.place(&mut model)?;
+    let mut trainer = temper_runtime::train::Trainer::new(model, temper_runtime::loss::ce(), AdamW::lr(1e-4));
+    let mut fits = |seq: usize| -> Result<bool> {
+        let r = random_batch(vocab, 1, seq).and_then(|b| trainer.step(&b).map(|_| ()));
+        let r = r.and_then(|_| place.device.synchronize());
+        match r {
+            Ok(()) => Ok(true),
+            Err(e) if is_out_of_memory(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    };
+    let (mut lo, mut hi) = (0usize, None);
+    let mut s = start.max(step);
+    while s <= limit {
+        if fits(s)? {
+            lo = s;
+            s *= 2;
+        } else {
+            hi = Some(s);
+            break;
+        }
+    }
+    if lo == 0 {
+        return Ok((0, hi));
+    }
+    let top = hi.unwrap_or(limit + step).min(limit + step);
+    let (mut a, mut b) = (lo, top);
+    while b - a > step {
+        let mid = (a + b) / 2 / step * step;
+        if mid <= a {
+            break;
+        }
+        if fits(mid)? {
+            a = mid;
+        } else {
+            b = mid;
+            hi = Some(mid);
+        }
+    }
+    Ok((a, hi))
+}
+
+/// Whether `e` is the driver (or host allocator) running out of memory.
+pub fn is_out_of_memory(e: &Error) -> bool {
+    let s = e.to_string();
+    s.contains("OUT_OF_MEMORY") || s.contains("out of memory")
+}
+
+/// Timings of one attention shape: forward, backward, and FLOP rates by the usual convention
+/// (forward 4·b·h·s²·d, halved when causal; backward 2.5× the forward).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct AttentionTiming {
+    pub fwd_ms: f64,
+    pub bwd_ms: f64,
+    pub fwd_tflops: f64,
+    pub fwd_bwd_tflops: f64,
+}
+
+/// Causal attention forward and backward at `[batch, seq, heads, head_dim]` (K/V with `kv_heads`)
+/// in `place`'s precision, `iters` timed repetitions after one warm-up; calls the backend directly,
+/// as `scaled_dot_product_attention` is timed on the PyTorch side.
+pub fn attention(place: Placement, batch: usize, seq: usize, heads: usize, kv_heads: usize, head_dim: usize, iters: usize) -> Result<AttentionTiming> {
+    use temper_runtime::backend::{AttnMasks, AttnShape, BackendStorage, Storage};
+    place.check()?;
+    let mut rng = temper_runtime::rng::Rng::new(3);
+    let mut rand = |n: usize| -> Result<Tensor> {
+        let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        Tensor::from_vec(v, &[n], Device::Cpu)?.to_dtype(place.dtype())?.to_device(place.device)
+    };
+    let (qn, kn) = (batch * seq * heads * head_dim, batch * seq * kv_heads * head_dim);
+    let (qt, kt, vt, dt) = (rand(qn)?, rand(kn)?, rand(kn)?, rand(qn)?);
+    let (q, k, v, d_out) = (qt.contiguous_storage()?, kt.contiguous_storage()?, vt.contiguous_storage()?, dt.contiguous_storage()?);
+    let (q, k, v, d_out): (&Storage, &Storage, &Storage, &Storage) = (&q, &k, &v, &d_out);
+    let shape = AttnShape { batch, q_len: seq, kv_len: seq, kv_cap: seq, n_heads: heads, n_kv_heads: kv_heads, head_dim };
+    let masks = AttnMasks { causal: true, q_offset: 0, key_mask: None, segment_ids: None, window: None };
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let (out, lse) = Storage::attention(q, k, v, &shape, &masks, scale)?;
+    Storage::attention_backward(q, k, v, &out, &lse, d_out, &shape, &masks, scale)?;
+    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        place.device.synchronize()?;
+        let t = Instant::now();
+        for _ in 0..iters.max(1) {
+            f()?;
+        }
+        place.device.synchronize()?;
+        Ok(1e3 * t.elapsed().as_secs_f64() / iters.max(1) as f64)
+    };
+    let fwd_ms = time(&mut || Storage::attention(q, k, v, &shape, &masks, scale).map(|_| ()))?;
+    let bwd_ms = time(&mut || Storage::attention_backward(q, k, v, &out, &lse, d_out, &shape, &masks, scale).map(|_| ()))?;
+    let fwd_flops = 4.0 * (batch * heads * seq * seq * head_dim) as f64 / 2.0;
+    Ok(AttentionTiming { fwd_ms, bwd_ms, fwd_tflops: fwd_flops / (fwd_ms * 1e-3) / 1e12, fwd_bwd_tflops: 3.5 * fwd_flops / ((fwd_ms + bwd_ms) * 1e-3) / 1e12 })
+}
+
+/// TFLOP/s of a square `[n, n] · [n, n]` matmul in `place`'s precision (the dense GEMM ceiling
+/// that model FLOP utilisation is measured against), `iters` timed repetitions after one warm-up.
+pub fn gemm_tflops(place: Placement, n: usize, iters: usize) -> Result<f64> {
+    place.check()?;
+    let mut rng = temper_runtime::rng::Rng::new(5);
+    let mut rand = || -> Result<Tensor> {
+        let v: Vec<f32> = (0..n * n).map(|_| rng.normal() as f32).collect();
+        Tensor::from_vec(v, &[n, n], Device::Cpu)?.to_dtype(place.dtype())?.to_device(place.device)
+    };
+    let (a, b) = (rand()?, rand()?);
+    temper_runtime::ops::matmul(&a, &b, false, false)?;
+    place.device.synchronize()?;
+    let t = Instant::now();
+    for _ in 0..iters.max(1) {
+        temper_runtime::ops::matmul(&a, &b, false, false)?;
+    }
+    place.device.synchronize()?;
+    let secs = t.elapsed().as_secs_f64() / iters.max(1) as f64;
+    Ok(2.0 * (n * n * n) as f64 / secs / 1e12)
+}
+
+/// Greedy generation of `new_tokens` tokens for `batch` random 16-token prompts on `place`, after
+/// one warm-up run. Returns generated tokens per second (all rows together).
+pub fn generation_placed(shape: &Shape, place: Placement, batch: usize, new_tokens: usize) -> Result<f64> {
+    place.check()?;
+    let mut model = Llama::random(shape.config.clone(), 0.02, 0, place.dtype())?;
+    place.place(&mut model)?;
+    let prompts: Vec<Vec<u32>> = (0..batch.max(1)).map(|r| token_ids(16, shape.config.vocab_size, 7 + r as u64).into_iter().map(|x| x as u32).collect()).collect();
     let cfg = GenerationConfig { max_new_tokens: new_tokens, ..Default::default() };
-    generate(&model, std::slice::from_ref(&prompt), &cfg, None)?;
+    generate(&model, &prompts[..1], &GenerationConfig { max_new_tokens: 4, ..Default::default() }, None)?;
+    place.device.synchronize()?;
     let start = Instant::now();
-    let out = generate(&model, &[prompt], &cfg, None)?;
-    Ok(out.tokens[0].len() as f64 / start.elapsed().as_secs_f64())
+    let out = generate(&model, &prompts, &cfg, None)?;
+    place.device.synchronize()?;
+    let n: usize = out.tokens.iter().map(|t| t.len()).sum();
+    Ok(n as f64 / start.elapsed().as_secs_f64())
 }

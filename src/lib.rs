@@ -32,5 +32,7 @@ pub mod prelude {
 }
 
 pub mod bench;
+pub mod heap;
 pub mod config;
+pub mod perf_model;
 pub mod sft;

@@ -3,9 +3,10 @@
 use clap::{Args, Parser, Subcommand};
 
 // mimalloc keeps freed pages for reuse; with glibc malloc the large per-step activation buffers were
-// returned to the kernel and faulted back in every step (10% of a training step in perf).
+// returned to the kernel and faulted back in every step (10% of a training step in perf). Counted, so
+// `temper bench` can report the heap's live-bytes peak (`temper::heap`).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: temper::heap::Counting<mimalloc::MiMalloc> = temper::heap::Counting(mimalloc::MiMalloc);
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -140,25 +141,31 @@ struct InspectArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// train (forward + backward + AdamW), lora-sft (LoRA training steps), qlora-sft (the same over a
-    /// quantised base), weight-bytes (bytes of the weights in one --quant format) or generate
-    /// (greedy, batch 1).
+    /// train (full fine-tune step, CPU, f32, the tools/bench_torch.py comparison), lora-sft (LoRA
+    /// training steps), qlora-sft (the same over a quantised base), full-sft (every weight trained;
+    /// --device, --bf16), weight-bytes (bytes of the weights in one --quant format), generate
+    /// (greedy; --batch rows), attention (causal forward + backward at --batch × --seq with the
+    /// shape's heads), gemm (a square bf16/f32 matmul of side --seq: the GEMM ceiling), max-seq (the
+    /// longest batch-1 sequence a LoRA step fits in device memory, up to --limit) or model (the
+    /// FLOP/byte model of one step of the shape on a card: no device needed).
     #[arg(long, default_value = "train")]
     workload: String,
-    /// small (hidden 256, 4 layers, batch 4 × 256) or smollm2 (SmolLM2-135M's shape).
+    /// tiny, small (hidden 256, 4 layers, batch 4 × 256), smollm2 (SmolLM2-135M's shape) or
+    /// llama-1b (hidden 2048, 16 layers, 32/8 heads, vocabulary 32000: 0.85 B parameters).
     #[arg(long, default_value = "small")]
     shape: String,
     #[arg(long, default_value_t = 3)]
     steps: usize,
     #[arg(long, default_value_t = 64)]
     new_tokens: usize,
-    /// lora-sft: micro-batch size (default per shape: tiny 8, smollm2 1).
+    /// Micro-batch size (lora-sft, qlora-sft, full-sft, attention), or prompts (generate).
     #[arg(long)]
     batch: Option<usize>,
-    /// lora-sft: sequence length (default per shape: tiny 128, smollm2 256).
+    /// Sequence length (lora-sft, qlora-sft, full-sft, attention, model; default per shape), the
+    /// first probe (max-seq) or the matrix side (gemm, default 8192).
     #[arg(long)]
     seq: Option<usize>,
-    /// lora-sft: LoRA rank.
+    /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     rank: usize,
     /// lora-sft, qlora-sft, weight-bytes: how the base's linear layers are held: f32, bf16, nf4,
@@ -170,6 +177,31 @@ struct BenchArgs {
     /// shape's random-init one; --shape then only sets the default batch and length.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Where to run: cpu, cuda or cuda:N (train and weight-bytes are CPU only).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Weights, adapters and activations in bf16 (AdamW keeps f32 masters); needs --device cuda.
+    #[arg(long)]
+    bf16: bool,
+    /// Replace the shape's number of decoder layers (a layer's cost is the difference of two runs).
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Training workloads: gradient checkpointing (recompute each layer in the backward).
+    #[arg(long)]
+    checkpoint: bool,
+    /// attention, gemm: timed repetitions.
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    /// max-seq: the longest sequence to try.
+    #[arg(long, default_value_t = 65536)]
+    limit: usize,
+    /// model: the card's dense bf16 peak in TFLOP/s (default: H100 SXM's 989; give the measured
+    /// `gemm` ceiling to predict against what the card really reaches).
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    /// model: the card's memory bandwidth in GB/s (default: H100 SXM's 3350).
+    #[arg(long)]
+    bandwidth_gbs: Option<f64>,
 }
 
 /// mimalloc's `mi_option_purge_delay`: position 15 of `mi_option_e` in both bundled headers (v2, v3).
@@ -459,7 +491,9 @@ macro_rules! with_loaded {
 
 fn load_model(model: &Path, adapter: &Option<PathBuf>, opts: &LoadOptions) -> Result<Loaded> {
     let m = Llama::load_with(model, opts)?;
-    let Some(dir) = adapter else { return Ok(Loaded::Base(m)) };
+    let Some(dir) = adapter else {
+        return Ok(Loaded::Base(m));
+    };
     let cfg_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, format!("invalid JSON: {e}")))?;
@@ -688,11 +722,17 @@ fn inspect(a: InspectArgs) -> Result<()> {
 
 fn bench(a: BenchArgs, threads: usize) -> Result<()> {
     use temper::bench::{self as b, BaseFormat};
-    let shape = b::shape(&a.shape)?;
+    let shape = b::shape_with_layers(&a.shape, a.layers)?;
     let model = a.model.as_deref();
     let model_name = model.map(|p| p.display().to_string());
     let base = |default: &str| BaseFormat::parse(a.quant.as_deref().unwrap_or(default));
     let rss_mb = || b::peak_rss_bytes() as f64 / (1024.0 * 1024.0);
+    let device = Device::parse(&a.device)?;
+    let place = b::Placement { device, bf16: a.bf16, checkpoint: a.checkpoint };
+    place.check()?;
+    if device.is_cuda() && matches!(a.workload.as_str(), "train" | "weight-bytes") {
+        return Err(Error::Input(format!("--workload {} runs on the CPU only; full-sft is the training step on a GPU", a.workload)));
+    }
     let json = match a.workload.as_str() {
         "lora-sft" | "qlora-sft" => {
             let format = base(if a.workload == "qlora-sft" { "nf4-dq" } else { "f32" })?;
@@ -700,12 +740,13 @@ fn bench(a: BenchArgs, threads: usize) -> Result<()> {
                 return Err(Error::Input(format!("qlora-sft needs a quantised base (--quant nf4, nf4-dq, fp4, fp4-dq or gguf), not {}; lora-sft trains over a dense one", format.name())));
             }
             let (batch, seq) = (a.batch.unwrap_or(shape.batch), a.seq.unwrap_or(shape.seq));
-            let t = b::lora_sft_on(b::base_model(&shape, model, format)?, a.steps, batch, seq, a.rank)?;
-            serde_json::json!({
-                "impl": "temper", "workload": a.workload, "shape": shape.name, "model": model_name, "base": format.name(),
-                "threads": threads, "batch": batch, "seq": seq, "rank": a.rank, "steps": a.steps,
-                "tokens_per_s": t.tokens_per_s, "step_ms": t.step_ms, "cpu_ms_per_step": t.cpu_ms, "peak_rss_mb": rss_mb(),
-            })
+            let t = b::lora_sft_placed(b::base_model(&shape, model, format)?, place, a.steps, batch, seq, a.rank)?;
+            let mut j = timing_json(&a, &shape, &format.name(), threads, batch, seq, &t);
+            j["model"] = serde_json::json!(model_name);
+            // The CPU comparison (tools/bench_sft_compare.sh) reads these two.
+            j["cpu_ms_per_step"] = serde_json::json!(t.cpu_ms);
+            j["peak_rss_mb"] = serde_json::json!(rss_mb());
+            j
         }
         "weight-bytes" => {
             let format = base("nf4-dq")?;
@@ -721,21 +762,77 @@ fn bench(a: BenchArgs, threads: usize) -> Result<()> {
                 "build_s": build_s, "peak_rss_mb": rss_mb(),
             })
         }
-        "train" | "generate" if a.quant.is_some() || model.is_some() => {
-            return Err(Error::Input(format!("--quant and --model apply to lora-sft, qlora-sft and weight-bytes, not {}", a.workload)));
+        "train" | "generate" | "full-sft" | "attention" | "gemm" if a.quant.is_some() || model.is_some() => {
+            return Err(Error::Input(format!("--quant and --model apply to lora-sft, qlora-sft, max-seq and weight-bytes, not {}", a.workload)));
         }
-        "train" | "generate" => {
-            let train = a.workload == "train";
-            let (tps, steps) = if train { (b::train(&shape, a.steps)?, a.steps) } else { (b::generation(&shape, a.new_tokens)?, a.new_tokens) };
+        "train" => {
+            let tps = b::train(&shape, a.steps)?;
             serde_json::json!({
                 "impl": "temper", "workload": a.workload, "shape": shape.name, "threads": threads,
-                "tokens_per_s": tps, "peak_rss_bytes": b::peak_rss_bytes(), "steps": steps,
+                "tokens_per_s": tps, "peak_rss_bytes": b::peak_rss_bytes(), "steps": a.steps,
             })
         }
-        other => return Err(Error::Input(format!("unknown workload `{other}` (expected train, lora-sft, qlora-sft, weight-bytes or generate)"))),
+        "generate" => {
+            let batch = a.batch.unwrap_or(1);
+            let tps = b::generation_placed(&shape, place, batch, a.new_tokens)?;
+            serde_json::json!({
+                "impl": "temper", "workload": a.workload, "shape": shape.name, "threads": threads, "device": a.device, "bf16": a.bf16,
+                "batch": batch, "new_tokens": a.new_tokens, "tokens_per_s": tps, "peak_rss_bytes": b::peak_rss_bytes(),
+                "peak_allocated_bytes": b::peak(device)?.allocated, "steps": a.new_tokens,
+            })
+        }
+        "full-sft" => {
+            let (batch, seq) = (a.batch.unwrap_or(shape.batch), a.seq.unwrap_or(shape.seq));
+            let t = b::full_sft(&shape, place, a.steps, batch, seq)?;
+            timing_json(&a, &shape, "full", threads, batch, seq, &t)
+        }
+        "attention" => {
+            let c = &shape.config;
+            let seq = a.seq.unwrap_or(shape.seq);
+            let batch = a.batch.unwrap_or((8192 / seq).max(1));
+            let t = b::attention(place, batch, seq, c.num_attention_heads, c.num_key_value_heads, c.head_dim, a.iters)?;
+            serde_json::json!({
+                "impl": "temper", "workload": "attention", "shape": shape.name, "device": a.device, "bf16": a.bf16,
+                "batch": batch, "seq": seq, "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads, "head_dim": c.head_dim,
+                "causal": true, "fwd_ms": t.fwd_ms, "bwd_ms": t.bwd_ms, "fwd_tflops": t.fwd_tflops, "fwd_bwd_tflops": t.fwd_bwd_tflops,
+            })
+        }
+        "gemm" => {
+            let n = a.seq.unwrap_or(8192);
+            let tflops = b::gemm_tflops(place, n, a.iters)?;
+            serde_json::json!({ "impl": "temper", "workload": "gemm", "device": a.device, "bf16": a.bf16, "n": n, "tflops": tflops })
+        }
+        "max-seq" => {
+            let format = base(if a.bf16 { "bf16" } else { "f32" })?;
+            let start = a.seq.unwrap_or(shape.seq);
+            let (fits, fails) = b::max_seq(b::base_model(&shape, model, format)?, place, a.rank, start, a.limit, 256)?;
+            serde_json::json!({
+                "impl": "temper", "workload": "max-seq", "shape": shape.name, "base": format.name(), "device": a.device, "bf16": a.bf16,
+                "rank": a.rank, "limit": a.limit, "max_seq": fits, "first_failed_seq": fails,
+            })
+        }
+        "model" => {
+            let seq = a.seq.unwrap_or(shape.seq);
+            let batch = a.batch.unwrap_or(shape.batch);
+            let card = temper::perf_model::Card { peak_tflops: a.peak_tflops.unwrap_or(989.0), bandwidth_gbs: a.bandwidth_gbs.unwrap_or(3350.0) };
+            let m = temper::perf_model::StepModel::new(&shape.config, batch, seq, a.rank);
+            print!("{}", m.report(&card));
+            return Ok(());
+        }
+        other => return Err(Error::Input(format!("unknown workload `{other}` (expected train, lora-sft, qlora-sft, full-sft, weight-bytes, generate, attention, gemm, max-seq or model)"))),
     };
     println!("{json}");
     Ok(())
+}
+
+/// The JSON line of a training benchmark on a device.
+fn timing_json(a: &BenchArgs, shape: &temper::bench::Shape, base: &str, threads: usize, batch: usize, seq: usize, t: &temper::bench::TrainTiming) -> serde_json::Value {
+    serde_json::json!({
+        "impl": "temper", "workload": a.workload, "shape": shape.name, "base": base, "device": a.device, "bf16": a.bf16,
+        "gradient_checkpointing": a.checkpoint, "threads": threads, "batch": batch, "seq": seq, "rank": a.rank, "steps": a.steps,
+        "tokens_per_s": t.tokens_per_s, "step_ms": t.step_ms, "peak_allocated_bytes": t.peak.allocated,
+        "peak_reserved_bytes": t.peak.reserved, "step_extra_bytes": t.step_extra, "launches_per_step": t.launches_per_step, "final_loss": t.final_loss,
+    })
 }
 
 fn gpu_check(a: GpuCheckArgs) -> Result<()> {
