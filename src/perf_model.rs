@@ -254,6 +254,24 @@ impl StepModel {
         MemoryPlan { weights, training_state, saved_activations, saved_checkpointed, workspace }
     }
 
+    /// One greedy decode step (one new token for each of `batch` rows, `ctx` tokens already in the
+    /// KV cache) in bf16: every weight is read once per step whatever the batch, so batch 1 is
+    /// bound by memory and the batch amortises it.
+    pub fn decode_step(&self, batch: usize, ctx: usize) -> Vec<Kernel> {
+        let c = &self.config;
+        let (b, l) = (batch as f64, c.num_hidden_layers as f64);
+        let (d, v) = (c.hidden_size as f64, c.vocab_size as f64);
+        let hkv = (c.num_key_value_heads * c.head_dim) as f64;
+        let (lin, _, _) = self.params();
+        let io: f64 = self.linears().iter().map(|&(_, i, o)| (i + o) as f64).sum();
+        let mut ks = vec![Kernel { name: "decoder GEMMs (weights read once)", calls: 7 * c.num_hidden_layers, flops: 2.0 * b * lin, bytes: BF16 * (lin + b * l * io) }];
+        let attn_flops = 4.0 * b * (c.num_attention_heads * c.head_dim) as f64 * ctx as f64 * l;
+        ks.push(Kernel { name: "decode attention (KV read)", calls: c.num_hidden_layers, flops: attn_flops, bytes: BF16 * b * ctx as f64 * 2.0 * hkv * l });
+        ks.push(Kernel { name: "norms, RoPE, SwiGLU, adds, KV write", calls: 8 * c.num_hidden_layers, flops: 0.0, bytes: BF16 * b * l * (12.0 * d + 3.0 * c.intermediate_size as f64 + 2.0 * hkv) });
+        ks.push(Kernel { name: "LM head + argmax", calls: 2, flops: 2.0 * b * d * v, bytes: BF16 * (d * v + b * v) });
+        ks
+    }
+
     /// The printed model of all three modes on `card`.
     pub fn report(&self, card: &Card) -> String {
         use std::fmt::Write;
@@ -294,6 +312,14 @@ impl StepModel {
                 gib(m.workspace),
                 gib(m.total() - m.saved_activations + m.saved_checkpointed)
             );
+        }
+        let _ = writeln!(s, "\ngreedy generation, bf16, one decode step at 80 tokens of context (16-token prompt + 128 new, on average)");
+        for batch in [1usize, 32] {
+            let ks = self.decode_step(batch, 80);
+            let ms: f64 = ks.iter().map(|k| k.floor_ms(card)).sum();
+            let calls: usize = ks.iter().map(|k| k.calls).sum();
+            let gb: f64 = ks.iter().map(|k| k.bytes).sum::<f64>() / 1e9;
+            let _ = writeln!(s, "  batch {batch:>2}: {calls} kernels, {gb:.3} GB moved, floor {ms:.3} ms/step → at most {:.0} tokens/s", batch as f64 / (ms * 1e-3));
         }
         s
     }
@@ -342,5 +368,12 @@ mod tests {
         let k = &m.kernels(Mode::LoraBf16)[0];
         assert!(k.floor_ms(&Card::H100_SXM) >= 1e3 * k.flops / 989e12);
         assert!(m.report(&Card::H100_SXM).contains("QLoRA (NF4 base)"));
+        // Decoding at batch 1 is bound by reading the weights: the floor is their bytes over the
+        // bandwidth, within the few percent the activations and KV cache add.
+        let (lin, _, _) = m.params();
+        let weights = 2.0 * (lin + 32000.0 * 2048.0);
+        let floor: f64 = m.decode_step(1, 80).iter().map(|k| k.floor_ms(&Card::H100_SXM)).sum();
+        let bound = 1e3 * weights / 3350e9;
+        assert!(floor >= bound && floor < 1.05 * bound, "{floor} ms vs {bound} ms");
     }
 }
