@@ -19,7 +19,9 @@
 // Kernels (all math in f32):
 //   attention_fwd_mma{64,128}_bf16  flash forward, bf16 tensor cores (mma.sync m16n8k16, f32 accumulate): one CTA
 //                                   (4 warps) per (batch, head, 64 queries), K/V tiles of 64 keys in shared memory,
-//                                   online softmax in registers.
+//                                   online softmax in registers, scores in base 2 (exp2f). A tile whose 64×64
+//                                   pairs are all visible (no padding/segments, inside causality and window:
+//                                   tile_full) skips the per-element mask; the backward does the same.
 //   attention_fwd_simt{2,4,8}_<T>   tiled SIMT forward for any dtype and D <= 32·DC: one CTA per (batch, kv head,
 //                                   32 rows of the stacked (group head, query) rows, key split); with nsplit > 1 it
 //                                   writes per-split partial (O, lse) that attention_combine merges (decode path).
@@ -133,6 +135,19 @@ __device__ __forceinline__ u32 ld32(const bf16* p) { return *reinterpret_cast<co
 
 #define MMA_BQ 64
 #define MMA_BK 64
+// The tensor-core kernels keep scores in base 2 (scores pre-multiplied by log2 e): exp2f is one
+// MUFU.EX2, where expf adds a range reduction around it.
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
+// Whether every (query position in [pmin, pmax], key in [j0, j0 + 64)) pair of a tile is visible
+// with no per-element test: no key padding or segments, the 64 keys all exist, and causality and
+// the window admit the whole rectangle. Uniform over the CTA (no divergence); most tiles of a
+// long causal sequence are full, and skipping the per-element mask is most of their ALU work.
+__device__ __forceinline__ bool tile_full(const AttnArgs& a, long long pmin, long long pmax, int j0, int nkeys) {
+    return a.km == nullptr && a.seg == nullptr && nkeys == 64 && (!a.causal || (long long)j0 + 63 <= pmin) &&
+           (a.window < 0 || pmax - j0 < a.window);
+}
 
 // Copies rows [row0, row0 + 64) of a [.., D] tensor slice (row stride `ld` elements) into smem rows of
 // `LD` elements; rows >= nrows (or failing `ok`) are zero. 16-byte vectors (the host checks alignment).
@@ -194,33 +209,43 @@ __device__ void fwd_mma_impl(const bf16* __restrict__ q, const bf16* __restrict_
         for (int e = 0; e < 4; ++e) o[t][e] = 0.f;
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
 
+    const bool rows_full = i1 - i0 == MMA_BQ;
+    const float scale2 = a.scale * LOG2E;
     for (int j0 = lo; j0 < hi; j0 += MMA_BK) {
-        __syncthreads();  // previous tile fully consumed
-        if (threadIdx.x < MMA_BK) {
-            const int j = j0 + threadIdx.x;
-            const bool ok = j < hi && key_ok(a, b, j);
-            kok[threadIdx.x] = ok;
-            ksg[threadIdx.x] = ok ? seg_of(a, b, j) : 0u;
-        }
-        __syncthreads();
         const int nk = min(MMA_BK, hi - j0);
+        const bool full = rows_full && tile_full(a, (long long)a.q_off + i0, (long long)a.q_off + i1 - 1, j0, nk);
+        __syncthreads();  // previous tile fully consumed
+        if (!full) {
+            if (threadIdx.x < MMA_BK) {
+                const int j = j0 + threadIdx.x;
+                const bool ok = j < hi && key_ok(a, b, j);
+                kok[threadIdx.x] = ok;
+                ksg[threadIdx.x] = ok ? seg_of(a, b, j) : 0u;
+            }
+            __syncthreads();
+        }
         const bf16* kb = k + ((i64)b * a.kv_cap + j0) * ldk + (i64)g * D;
         const bf16* vb = v + ((i64)b * a.kv_cap + j0) * ldk + (i64)g * D;
-        load_tile_bf16<D, LD>(Ks, kb, ldk, nk, kok);
-        load_tile_bf16<D, LD>(Vs, vb, ldk, nk, kok);
+        load_tile_bf16<D, LD>(Ks, kb, ldk, nk, full ? nullptr : kok);
+        load_tile_bf16<D, LD>(Vs, vb, ldk, nk, full ? nullptr : kok);
 
         // Visibility of this thread's 32 score elements: bit t*4 + e.
-        u32 vis = 0;
+        u32 vis = 0xffffffffu;
+        if (full) {
+            __syncthreads();  // publishes the K/V tile
+        } else {
+            vis = 0;
 #pragma unroll
-        for (int t = 0; t < NT; ++t)
+            for (int t = 0; t < NT; ++t)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int jj = t * 8 + 2 * tig + (e & 1), r = e >> 1;
-                const long long j = j0 + jj;
-                const bool ok = rv[r] && kok[jj] && pos_ok(a, rp[r], j) && (a.seg == nullptr || ksg[jj] == rs[r]);
-                vis |= (ok ? 1u : 0u) << (t * 4 + e);
-            }
-        if (!__syncthreads_or(vis != 0)) continue;  // also publishes the K/V tile
+                for (int e = 0; e < 4; ++e) {
+                    const int jj = t * 8 + 2 * tig + (e & 1), r = e >> 1;
+                    const long long j = j0 + jj;
+                    const bool ok = rv[r] && kok[jj] && pos_ok(a, rp[r], j) && (a.seg == nullptr || ksg[jj] == rs[r]);
+                    vis |= (ok ? 1u : 0u) << (t * 4 + e);
+                }
+            if (!__syncthreads_or(vis != 0)) continue;  // also publishes the K/V tile
+        }
 
         float s[NT][4];
 #pragma unroll
@@ -238,13 +263,13 @@ __device__ void fwd_mma_impl(const bf16* __restrict__ q, const bf16* __restrict_
                 mma_bf16(s[t], a0, a1, a2, a3, ld32(kp), ld32(kp + 8));
             }
         }
-        // Scale, mask, online softmax.
+        // Scale (to base 2), mask, online softmax; m is kept in base 2.
         float mx[2] = {NEG_INF, NEG_INF};
 #pragma unroll
         for (int t = 0; t < NT; ++t)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                s[t][e] = ((vis >> (t * 4 + e)) & 1u) ? s[t][e] * a.scale : NEG_INF;
+                s[t][e] = ((vis >> (t * 4 + e)) & 1u) ? s[t][e] * scale2 : NEG_INF;
                 mx[e >> 1] = fmaxf(mx[e >> 1], s[t][e]);
             }
         float alpha[2], mu[2];
@@ -254,7 +279,7 @@ __device__ void fwd_mma_impl(const bf16* __restrict__ q, const bf16* __restrict_
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
             const float mn = fmaxf(m[r], mx[r]);
             mu[r] = mn == NEG_INF ? 0.f : mn;
-            alpha[r] = expf(m[r] - mu[r]);
+            alpha[r] = exp2f(m[r] - mu[r]);
             m[r] = mn;
         }
         float ls[2] = {0.f, 0.f};
@@ -262,7 +287,7 @@ __device__ void fwd_mma_impl(const bf16* __restrict__ q, const bf16* __restrict_
         for (int t = 0; t < NT; ++t)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                s[t][e] = expf(s[t][e] - mu[e >> 1]);
+                s[t][e] = exp2f(s[t][e] - mu[e >> 1]);
                 ls[e >> 1] += s[t][e];
             }
 #pragma unroll
@@ -304,7 +329,8 @@ __device__ void fwd_mma_impl(const bf16* __restrict__ q, const bf16* __restrict_
             __nv_bfloat162 pr = __floats2bfloat162_rn(o[t][2 * r] * inv, o[t][2 * r + 1] * inv);
             *reinterpret_cast<__nv_bfloat162*>(orow + t * 8) = pr;
         }
-        if (tig == 0) lse[((i64)b * a.nh + h) * a.q_len + ri[r]] = l[r] > 0.f ? m[r] + logf(l[r]) : NEG_INF;
+        // Natural-log LSE (m is in base 2) for the backward and the split-KV combine.
+        if (tig == 0) lse[((i64)b * a.nh + h) * a.q_len + ri[r]] = l[r] > 0.f ? m[r] * LN2 + logf(l[r]) : NEG_INF;
     }
 }
 
@@ -827,6 +853,7 @@ __device__ void bwd_mma_impl(const bf16* __restrict__ q, const bf16* __restrict_
         for (int e = 0; e < 4; ++e) dka[t][e] = dva[t][e] = 0.f;
     // This thread's two keys (rows of Kᵀ-side fragments).
     const int kr0 = warp * 16 + gq;
+    const float scale2 = a.scale * LOG2E;
 
     for (int r0 = 0; have_keys && r0 < R; r0 += BR) {
         const int r1 = min(r0 + BR, R);
@@ -865,25 +892,30 @@ __device__ void bwd_mma_impl(const bf16* __restrict__ q, const bf16* __restrict_
                 pos = a.q_off + i;
                 sg = seg_of(a, b, pos);
             }
-            rl[threadIdx.x] = lv;
+            rl[threadIdx.x] = lv * LOG2E;  // base 2, as the scores below
             rd[threadIdx.x] = dd;
             rsg[threadIdx.x] = sg;
             rpos[threadIdx.x] = pos;
         }
         __syncthreads();
         // Visibility of this thread's NT·4 elements (key kr0 + 8·(e>>1), row t·8 + 2·tig + (e&1)).
-        u32 vis = 0;
+        // A full tile (every row real, every pair admitted) skips the per-element test; its rows all
+        // see keys, so their LSE is finite.
+        u32 vis = 0xffffffffu;
+        if (!(r1 - r0 == BR && tile_full(a, pmin, pmax, j0, min(64, a.kv_len - j0)))) {
+            vis = 0;
 #pragma unroll
-        for (int t = 0; t < NT; ++t)
+            for (int t = 0; t < NT; ++t)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int key = kr0 + 8 * (e >> 1), rr = t * 8 + 2 * tig + (e & 1);
-                const int pos = rpos[rr];
-                const bool ok = pos >= 0 && rl[rr] != NEG_INF && kok[key] && pos_ok(a, pos, (long long)j0 + key) &&
-                                (a.seg == nullptr || ksg[key] == rsg[rr]);
-                vis |= (ok ? 1u : 0u) << (t * 4 + e);
-            }
-        if (!__syncthreads_or(vis != 0)) continue;
+                for (int e = 0; e < 4; ++e) {
+                    const int key = kr0 + 8 * (e >> 1), rr = t * 8 + 2 * tig + (e & 1);
+                    const int pos = rpos[rr];
+                    const bool ok = pos >= 0 && rl[rr] != NEG_INF && kok[key] && pos_ok(a, pos, (long long)j0 + key) &&
+                                    (a.seg == nullptr || ksg[key] == rsg[rr]);
+                    vis |= (ok ? 1u : 0u) << (t * 4 + e);
+                }
+            if (!__syncthreads_or(vis != 0)) continue;
+        }
 
         float st[NT][4], dpt[NT][4];
 #pragma unroll
@@ -914,7 +946,7 @@ __device__ void bwd_mma_impl(const bf16* __restrict__ q, const bf16* __restrict_
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int key = kr0 + 8 * (e >> 1), rr = t * 8 + 2 * tig + (e & 1);
-                const float p = ((vis >> (t * 4 + e)) & 1u) ? expf(st[t][e] * a.scale - rl[rr]) : 0.f;
+                const float p = ((vis >> (t * 4 + e)) & 1u) ? exp2f(st[t][e] * scale2 - rl[rr]) : 0.f;
                 const float ds = p * (dpt[t][e] - rd[rr]);
                 st[t][e] = p;
                 dpt[t][e] = ds;

@@ -542,6 +542,9 @@ fn cases() -> Vec<Case> {
         Case::new("causal", 1, 200, 4, 2, 128, true),
         Case::new("full", 2, 77, 4, 4, 128, false),
         Case::new("causal odd-dim", 2, 77, 8, 2, 96, true),
+        // Long enough for full 64×64 tiles (no per-element mask) in both tensor-core head dims.
+        Case::new("causal long gqa", 1, 256, 8, 2, 64, true),
+        Case::new("full long", 2, 192, 4, 2, 128, false),
     ];
     // Key padding: right padding, left padding with a hole, a fully padded row.
     for (causal, d) in [(false, 64), (true, 128)] {
@@ -563,6 +566,10 @@ fn cases() -> Vec<Case> {
     v.push(c);
     let mut c = Case::new("window 24", 2, 200, 4, 2, 64, true);
     c.window = Some(24);
+    v.push(c);
+    // A window wide enough that some tiles inside it are full and others straddle its edge.
+    let mut c = Case::new("window 150 long", 1, 320, 4, 2, 64, true);
+    c.window = Some(150);
     v.push(c);
     let mut c = Case::new("window 7 full", 1, 45, 2, 2, 80, false);
     c.window = Some(7);
