@@ -16,18 +16,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-out}/gpu-bench}
 mkdir -p "$OUT"
-BIN=${TEMPER_BIN:-target/release/temper}
-if [ ! -x "$BIN" ] && [ -f "$BIN.gz" ]; then
-  gunzip -c "$BIN.gz" > "$OUT/temper" && chmod +x "$OUT/temper" && BIN="$OUT/temper"
-fi
-[ -x "$BIN" ] || { echo "error: no temper binary at $BIN (build with cargo build --release and carry it)" >&2; exit 2; }
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-  [ -d "$d" ] && LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-done
-export LD_LIBRARY_PATH
-export TEMPER_CUDA_INCLUDE=${TEMPER_CUDA_INCLUDE:-/usr/local/cuda/include}
-export TEMPER_KERNEL_CACHE=${TEMPER_KERNEL_CACHE:-$OUT/kernel-cache}
-export CI=true
+. scripts/gpu-env.sh
 PY=${PYTHON:-python3}
 DEV=${BENCH_DEVICE:-cuda}
 SHAPE=${BENCH_SHAPE:-llama-1b}
@@ -46,8 +35,6 @@ fi
 P=("$PY" tools/bench_gpu_torch.py --device "$DEV")
 JSONL="$OUT/bench.jsonl"
 : > "$JSONL"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/card.txt" 2>/dev/null || echo "$DEV (no nvidia-smi)" > "$OUT/card.txt"
-echo "card: $(cat "$OUT/card.txt")"
 
 # run TAG TIMEOUT CMD...: one benchmark process; its JSON line is tagged and appended, failures are recorded too.
 run() {
@@ -132,7 +119,7 @@ def pair(tag, key, fmt, goal=None, higher=True, what=None):
 f0 = lambda x: "-" if x is None else f"{x:,.0f}"
 f2 = lambda x: "-" if x is None else f"{x:.3f}"
 ceil = max([v for v in (get("gemm/temper", "tflops"), get("gemm/torch", "tflops")) if v] or [0])
-pair("gemm", "tflops", f2, what="bf16 GEMM 8192^3 TFLOP/s")
+pair("gemm", "tflops", f2, what=f"bf16 GEMM {get('gemm/temper', 'n') or get('gemm/torch', 'n')}^3 TFLOP/s")
 for tag in sorted(k.split("/")[0] for k in res if k.startswith("attention-") and k.endswith("/temper")):
     pair(tag, "fwd_bwd_tflops", f2, 0.9, what=f"{tag} fwd+bwd TFLOP/s")
     pair(tag, "fwd_ms", f2, what=f"{tag} forward ms", higher=False)

@@ -19,20 +19,7 @@ OUT=${1:-${OUT:-out}/gpu-check}
 mkdir -p "$OUT"
 STEPS=${STEPS:-20}
 LOSS_TOL=${LOSS_TOL:-2e-3}
-BIN=${TEMPER_BIN:-target/release/temper}
-if [ ! -x "$BIN" ] && [ -f "$BIN.gz" ]; then
-  gunzip -c "$BIN.gz" > "$OUT/temper" && chmod +x "$OUT/temper" && BIN="$OUT/temper"
-fi
-[ -x "$BIN" ] || { echo "error: no temper binary at $BIN (build with cargo build --release and carry it)" >&2; exit 2; }
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-  [ -d "$d" ] && LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-done
-export LD_LIBRARY_PATH
-export TEMPER_CUDA_INCLUDE=${TEMPER_CUDA_INCLUDE:-/usr/local/cuda/include}
-export TEMPER_KERNEL_CACHE=${TEMPER_KERNEL_CACHE:-$OUT/kernel-cache}
-export CI=true   # no progress bars in logs
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/card.txt" 2>&1 || echo "nvidia-smi failed" > "$OUT/card.txt"
-echo "card: $(cat "$OUT/card.txt")"
+. scripts/gpu-env.sh
 
 echo "== 1. kernels: compile + parity against the CPU backend"
 t0=$(date +%s)

@@ -64,6 +64,18 @@ __device__ __forceinline__ u32 seg_of(const AttnArgs& a, int b, long long pos) {
     return a.seg == nullptr ? 0u : a.seg[(i64)b * a.kv_cap + pos];
 }
 
+// Flags of the key tile [j0, j0 + n) for the block (threads < n each write one; the caller syncs):
+// whether key j exists (below hi, not padding) and its segment id.
+template <typename Flag>
+__device__ __forceinline__ void key_flags(const AttnArgs& a, int b, int j0, int hi, int n, Flag* kok, u32* ksg) {
+    if (threadIdx.x < n) {
+        const int j = j0 + threadIdx.x;
+        const bool ok = j < hi && key_ok(a, b, j);
+        kok[threadIdx.x] = (Flag)ok;
+        ksg[threadIdx.x] = ok ? seg_of(a, b, j) : 0u;
+    }
+}
+
 // Key range [lo, hi) that queries at positions [pmin, pmax] can see under causality, window and kv_len.
 __device__ __forceinline__ void key_range(const AttnArgs& a, long long pmin, long long pmax, int& lo, int& hi) {
     long long l = 0, h = a.kv_len;
@@ -216,12 +228,7 @@ __device__ void fwd_mma_impl(const bf16* __restrict__ q, const bf16* __restrict_
         const bool full = rows_full && tile_full(a, (long long)a.q_off + i0, (long long)a.q_off + i1 - 1, j0, nk);
         __syncthreads();  // previous tile fully consumed
         if (!full) {
-            if (threadIdx.x < MMA_BK) {
-                const int j = j0 + threadIdx.x;
-                const bool ok = j < hi && key_ok(a, b, j);
-                kok[threadIdx.x] = ok;
-                ksg[threadIdx.x] = ok ? seg_of(a, b, j) : 0u;
-            }
+            key_flags(a, b, j0, hi, MMA_BK, kok, ksg);
             __syncthreads();
         }
         const bf16* kb = k + ((i64)b * a.kv_cap + j0) * ldk + (i64)g * D;
@@ -423,12 +430,7 @@ __device__ void fwd_simt_impl(const T* __restrict__ q, const T* __restrict__ k, 
 
     for (int j0 = lo; j0 < hi; j0 += SB) {
         __syncthreads();
-        if (threadIdx.x < SB) {
-            const int j = j0 + threadIdx.x;
-            const bool ok = j < hi && key_ok(a, b, j);
-            kok[threadIdx.x] = ok;
-            ksg[threadIdx.x] = ok ? seg_of(a, b, j) : 0u;
-        }
+        key_flags(a, b, j0, hi, SB, kok, ksg);
         __syncthreads();
         for (int e = threadIdx.x; e < SB * DV; e += blockDim.x) {
             const int jj = e / DV, d = e % DV;
