@@ -7,6 +7,7 @@
 #  1. `temper gpu-check`: every kernel file compiled by NVRTC for this card (registers, spills), then every
 #     kernel's parity against the CPU backend on fresh random inputs (outputs poisoned first; f32 ≤ 1e-4,
 #     bf16 ≤ 1e-2 normwise relative; NaN fails).
+#     Then compute-sanitizer memcheck over the suites in SANITIZE (default: attention).
 #  2. LoRA and QLoRA (NF4) SFT of SmolLM2 on the same data, once on the CPU and once on the GPU, in f32: the
 #     per-step training loss curves must agree within LOSS_TOL (relative).
 #  3. scripts/gpu-bench.sh: temper against PyTorch + PEFT on this card (GEMM ceiling, attention, LoRA, QLoRA,
@@ -29,6 +30,19 @@ PARITY_RC=$?
 # Thousands of rows: print the compile report, the failures and the count (all rows stay in parity.txt).
 grep -v '  ok$' "$OUT/parity.txt" | head -n 120
 echo "(parity: rc=$PARITY_RC, $(( $(date +%s) - t0 )) s)"
+
+# compute-sanitizer's memcheck over the suites whose kernels changed since their last GPU run
+# (SANITIZE="" skips it): an out-of-bounds access passes parity when it reads zeros, not here.
+SANITIZE=${SANITIZE-attention}
+: > "$OUT/sanitizer.txt"
+if [ -n "$SANITIZE" ] && command -v compute-sanitizer > /dev/null; then
+  for f in $SANITIZE; do
+    t0=$(date +%s)
+    timeout "${SANITIZE_TIMEOUT:-240}" compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN" gpu-check --filter "$f" > "$OUT/sanitizer-$f.txt" 2>&1
+    echo "$f rc=$? $(grep -m1 'ERROR SUMMARY' "$OUT/sanitizer-$f.txt")" | tee -a "$OUT/sanitizer.txt"
+    echo "(sanitizer $f: $(( $(date +%s) - t0 )) s)"
+  done
+fi
 
 echo "== 2. SmolLM2 LoRA / QLoRA SFT, CPU vs GPU"
 SMOL=${SMOL:-}
@@ -114,6 +128,10 @@ for name, (ok, bad, first) in suites.items():
     rows.append((f"parity {name}", f"{ok} ok / {bad} failed", "PASS" if bad == 0 else "FAIL", first))
 if not suites:
     rows.append(("parity", "no parity rows (see parity.txt)", "FAIL", ""))
+for line in open(os.path.join(out, "sanitizer.txt"), errors="replace"):
+    name, rc, *rest = line.split(" ", 2) + [""]
+    ok = rc == "rc=0" and re.search(r"ERROR SUMMARY: 0 errors", line) is not None
+    rows.append((f"compute-sanitizer memcheck {name}", line.strip(), "PASS" if ok else "FAIL", "" if ok else f"see sanitizer-{name}.txt"))
 def losses(path, key="loss"):
     d = {}
     try:
