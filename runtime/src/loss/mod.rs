@@ -107,7 +107,8 @@ pub fn causal_lm_loss(hidden: &Tensor, lm_head: &Tensor, labels: &Tensor) -> Res
     if count == 0 {
         return Err(crate::Error::Input("cross_entropy: every label is -100, so no token is trained".into()));
     }
-    let targets = targets.to_device(hidden.device())?;
+    // The targets stay on the host: the op checks them there and uploads them once. Uploading them
+    // here would make it download them again to check, a device synchronisation in mid-step.
     let nll = ops::linear_cross_entropy(&ops::reshape(hidden, &[b * t, d])?, lm_head, &targets)?;
     ops::scale(&ops::sum(&nll)?, 1.0 / count as f64)
 }
@@ -124,7 +125,8 @@ pub fn causal_lm_token_logprobs(hidden: &Tensor, lm_head: &Tensor, labels: &Tens
         "labels {:?} do not match hidden states [{b}, {t}, {d}]",
         labels.shape()
     );
-    let lp = ops::linear_token_logprobs(&ops::reshape(hidden, &[b * t, d])?, lm_head, &shifted_targets(labels)?.to_device(hidden.device())?)?;
+    // Host targets: checked on the host and uploaded once by the op (see `causal_lm_loss`).
+    let lp = ops::linear_token_logprobs(&ops::reshape(hidden, &[b * t, d])?, lm_head, &shifted_targets(labels)?)?;
     ops::reshape(&lp, &[b, t])
 }
 

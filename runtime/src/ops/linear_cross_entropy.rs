@@ -77,6 +77,10 @@ impl GradFn for LinearCeBackward {
 /// `hidden`'s leading shape (any integer dtype; −100 = ignored, giving 0). Returns `[...]` in
 /// `hidden`'s dtype; gradients flow to `hidden` and to `weight` when they require them.
 /// Equals `token_nll(&linear(hidden, weight, None)?, targets)`.
+///
+/// `targets` may live anywhere; they are range-checked on the host and uploaded to `hidden`'s
+/// device. Pass them on the host: targets already on a GPU are downloaded to be checked, which
+/// waits for all queued work (a synchronisation in the middle of a training step).
 pub fn linear_cross_entropy(hidden: &Tensor, weight: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let rows = hidden.elem_count() / hidden.shape().last().copied().unwrap_or(1).max(1);
     let vocab = weight.shape().first().copied().unwrap_or(0);
