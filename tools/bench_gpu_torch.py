@@ -6,6 +6,8 @@
         [--batch B] [--seq T] [--rank 16] [--steps 5] [--iters 20] [--new-tokens 128] [--limit N]
 
 Workloads (one JSON object on stdout, keys as temper's):
+  Token ids come from temper's generator (SplitMix64, seed 42 for training batches, 7 + row for
+  prompts), so both sides see the same data.
   lora-sft   LlamaForCausalLM in bf16, SDPA attention, PEFT LoRA r, alpha 2r, dropout 0 on all
              seven projections (PEFT's default upcasts the adapter weights to f32), AdamW(lr 1e-4)
              over the adapter; loss = the model's causal-LM loss over every token. Two warm-up steps,
@@ -91,9 +93,25 @@ def lora(model, rank):
     return get_peft_model(model, cfg)
 
 
+MASK64 = (1 << 64) - 1
+
+
+def token_ids(n, vocab, seed):
+    """temper's `bench::token_ids`: SplitMix64 from `seed`, each id = next_u64() % vocab, so both
+    sides train on the same tokens (and generate from the same prompts)."""
+    state, out = seed & MASK64, []
+    for _ in range(n):
+        state = (state + 0x9E3779B97F4A7C15) & MASK64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+        out.append((z ^ (z >> 31)) % vocab)
+    return out
+
+
 def batch_ids(model, batch, seq, dev):
-    g = torch.Generator().manual_seed(1)
-    return torch.randint(3, model.config.vocab_size, (batch, seq), generator=g).to(dev.name)
+    ids = token_ids(batch * seq, model.config.vocab_size, 42)
+    return torch.tensor(ids, dtype=torch.long).view(batch, seq).to(dev.name)
 
 
 def trainer(model, lr):
@@ -186,8 +204,8 @@ def gemm(args, dev):
 
 def generate(args, dev):
     model = model_for(args.shape, dev).eval()
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(3, model.config.vocab_size, (args.batch, PROMPT_TOKENS), generator=g).to(dev.name)
+    rows = [token_ids(PROMPT_TOKENS, model.config.vocab_size, 7 + r) for r in range(args.batch)]
+    ids = torch.tensor(rows, dtype=torch.long).to(dev.name)
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
         model.generate(ids[:1], max_new_tokens=4, min_new_tokens=4, **kw)
