@@ -114,6 +114,31 @@ __device__ __forceinline__ void row_of(const AttnArgs& a, int g, int r, int& h, 
     h = g * group + r / a.q_len;
     i = r % a.q_len;
 }
+// Per-row data of the backward's row tile [r0, r1) of KV head g (threads < n fill one row each; the
+// caller syncs): LSE · lse_scale, D = rowsum(dO ∘ O), the row's segment and position (−1: past the end).
+__device__ __forceinline__ void row_meta(const AttnArgs& a, int b, int g, int r0, int r1, int n, float lse_scale, const float* lse,
+                                         const float* dvec, float* rl, float* rd, u32* rsg, int* rpos) {
+    if (threadIdx.x < n) {
+        const int r = r0 + threadIdx.x;
+        float lv = NEG_INF, dd = 0.f;
+        u32 sg = 0;
+        int pos = -1;
+        if (r < r1) {
+            int h, i;
+            row_of(a, g, r, h, i);
+            const i64 li = ((i64)b * a.nh + h) * a.q_len + i;
+            lv = lse[li];
+            dd = dvec[li];
+            pos = a.q_off + i;
+            sg = seg_of(a, b, pos);
+        }
+        rl[threadIdx.x] = lv * lse_scale;
+        rd[threadIdx.x] = dd;
+        rsg[threadIdx.x] = sg;
+        rpos[threadIdx.x] = pos;
+    }
+}
+
 // Query positions covered by rows [r0, r1) (conservative when the rows span two heads).
 __device__ __forceinline__ void pos_span(const AttnArgs& a, int r0, int r1, long long& pmin, long long& pmax) {
     int i0 = r0 % a.q_len, i1 = (r1 - 1) % a.q_len;
@@ -663,25 +688,7 @@ __device__ void bwd_simt_impl(const T* __restrict__ q, const T* __restrict__ k, 
             Qs[rr * LDQ + d] = qv;
             dOs[rr * LDQ + d] = gv;
         }
-        if (threadIdx.x < SB) {
-            const int r = r0 + threadIdx.x;
-            float lv = NEG_INF, dd = 0.f;
-            u32 sg = 0;
-            int pos = -1;
-            if (r < r1) {
-                int h, i;
-                row_of(a, g, r, h, i);
-                const i64 li = ((i64)b * a.nh + h) * a.q_len + i;
-                lv = lse[li];
-                dd = dvec[li];
-                pos = a.q_off + i;
-                sg = seg_of(a, b, pos);
-            }
-            rl[threadIdx.x] = lv;
-            rd[threadIdx.x] = dd;
-            rsg[threadIdx.x] = sg;
-            rok[threadIdx.x] = pos;
-        }
+        row_meta(a, b, g, r0, r1, SB, 1.f, lse, dvec, rl, rd, rsg, rok);
         __syncthreads();
         // Scores of row `lane` against keys w·8 + x.
         {
@@ -880,25 +887,7 @@ __device__ void bwd_mma_impl(const bf16* __restrict__ q, const bf16* __restrict_
                 *reinterpret_cast<int4*>(dOs + rr * LD + c) = gv;
             }
         }
-        if (threadIdx.x < BR) {
-            const int r = r0 + threadIdx.x;
-            float lv = NEG_INF, dd = 0.f;
-            u32 sg = 0;
-            int pos = -1;
-            if (r < r1) {
-                int h, i;
-                row_of(a, g, r, h, i);
-                const i64 li = ((i64)b * a.nh + h) * a.q_len + i;
-                lv = lse[li];
-                dd = dvec[li];
-                pos = a.q_off + i;
-                sg = seg_of(a, b, pos);
-            }
-            rl[threadIdx.x] = lv * LOG2E;  // base 2, as the scores below
-            rd[threadIdx.x] = dd;
-            rsg[threadIdx.x] = sg;
-            rpos[threadIdx.x] = pos;
-        }
+        row_meta(a, b, g, r0, r1, BR, LOG2E, lse, dvec, rl, rd, rsg, rpos);  // LSE in base 2, as the scores
         __syncthreads();
         // Visibility of this thread's NT·4 elements (key kr0 + 8·(e>>1), row t·8 + 2·tig + (e&1)).
         // A full tile (every row real, every pair admitted) skips the per-element test; its rows all
