@@ -1,7 +1,9 @@
-//! `temper bench`: throughput and peak memory of a full fine-tune step and of greedy generation on a
-//! fixed shape, printed as JSON in the same schema as `tools/bench_torch.py` so the two compare
-//! side by side (`tools/bench_compare.sh`); LoRA against QLoRA and the weight bytes of each base
-//! format (`tools/bench_qlora.sh`).
+//! `temper bench`: throughput and peak memory of training steps (full, LoRA, QLoRA), attention,
+//! the dense GEMM ceiling, the longest sequence that fits and greedy generation on a fixed shape,
+//! on the CPU or a GPU, printed as JSON in the schema of the PyTorch baselines so they compare side
+//! by side: `tools/bench_compare.sh` and `tools/bench_sft_compare.sh` (CPU), `tools/bench_qlora.sh`
+//! (LoRA against QLoRA, weight bytes of each base format), `scripts/gpu-bench.sh` (GPU, against
+//! PyTorch + PEFT in `tools/bench_gpu_torch.py`).
 
 use std::path::Path;
 use std::time::Instant;
