@@ -155,26 +155,25 @@ fn i64s(s: &CpuStorage) -> Result<&[i64]> {
 
 /// `h[rows, d] · W[c0..c0+cols]ᵀ` as a `[rows, cols]` host vector, reading the weight rows in
 /// place (a copy of the chunk would be a second lm_head when the chunk is the whole vocabulary).
-fn chunk_logits<T: Elem>(h: &CpuStorage, w: &[T], rows: usize, d: usize, c0: usize, cols: usize) -> Result<Vec<T>> {
-    let h = T::slice(h).ok_or_else(|| Error::dtype("linear_cross_entropy", "hidden states and weight disagree in dtype"))?;
+fn chunk_logits<T: Elem>(h: &[T], w: &[T], rows: usize, d: usize, c0: usize, cols: usize) -> Vec<T> {
     let (a, b) = (Mat { data: h, ld: d, trans: false }, Mat { data: &w[c0 * d..(c0 + cols) * d], ld: d, trans: true });
-    Ok(gemm::matmul_new(rows, cols, d, a, b))
+    gemm::matmul_new(rows, cols, d, a, b)
 }
 
 fn cpu_forward(h: &CpuStorage, w: &CpuStorage, y: &CpuStorage, d: usize, vocab: usize, chunk: usize) -> Result<(CpuStorage, CpuStorage)> {
     match (h, w) {
-        (CpuStorage::F32(_), CpuStorage::F32(w)) => cpu_forward_t::<f32>(h, w, i64s(y)?, d, vocab, chunk),
-        (CpuStorage::F64(_), CpuStorage::F64(w)) => cpu_forward_t::<f64>(h, w, i64s(y)?, d, vocab, chunk),
+        (CpuStorage::F32(h), CpuStorage::F32(w)) => cpu_forward_t::<f32>(h, w, i64s(y)?, d, vocab, chunk),
+        (CpuStorage::F64(h), CpuStorage::F64(w)) => cpu_forward_t::<f64>(h, w, i64s(y)?, d, vocab, chunk),
         _ => Err(Error::dtype("linear_cross_entropy", format!("the CPU computes F32 or F64, got {} and {}", h.dtype(), w.dtype()))),
     }
 }
 
-fn cpu_forward_t<T: Elem>(h: &CpuStorage, w: &[T], y: &[i64], d: usize, vocab: usize, chunk: usize) -> Result<(CpuStorage, CpuStorage)> {
+fn cpu_forward_t<T: Elem>(h: &[T], w: &[T], y: &[i64], d: usize, vocab: usize, chunk: usize) -> Result<(CpuStorage, CpuStorage)> {
     let rows = y.len();
     let (mut m, mut s, mut zt) = (vec![T::neg_infinity(); rows], vec![T::zero(); rows], vec![T::zero(); rows]);
     for c0 in (0..vocab).step_by(chunk) {
         let cols = chunk.min(vocab - c0);
-        let l = chunk_logits(h, w, rows, d, c0, cols)?;
+        let l = chunk_logits(h, w, rows, d, c0, cols);
         for r in 0..rows {
             let row = &l[r * cols..(r + 1) * cols];
             let cm = row.iter().fold(T::neg_infinity(), |a, &v| if v > a { v } else { a });
@@ -212,7 +211,8 @@ fn cpu_backward(
     macro_rules! go {
         ($t:ty) => {{
             let err = || Error::dtype("linear_cross_entropy backward", "operands disagree in dtype");
-            let (w, l, g) = (<$t>::slice(w).ok_or_else(err)?, <$t>::slice(lse).ok_or_else(err)?, <$t>::slice(g).ok_or_else(err)?);
+            let (h, w) = (<$t>::slice(h).ok_or_else(err)?, <$t>::slice(w).ok_or_else(err)?);
+            let (l, g) = (<$t>::slice(lse).ok_or_else(err)?, <$t>::slice(g).ok_or_else(err)?);
             cpu_backward_t::<$t>(h, w, i64s(y)?, l, g, d, vocab, chunk, need_dh, need_dw)
         }};
     }
@@ -225,7 +225,7 @@ fn cpu_backward(
 
 #[allow(clippy::too_many_arguments)]
 fn cpu_backward_t<T: Elem>(
-    h: &CpuStorage,
+    h: &[T],
     w: &[T],
     y: &[i64],
     lse: &[T],
@@ -241,7 +241,7 @@ fn cpu_backward_t<T: Elem>(
     let mut dw = if need_dw { Some(vec![T::zero(); vocab * d]) } else { None };
     for c0 in (0..vocab).step_by(chunk) {
         let cols = chunk.min(vocab - c0);
-        let mut dz = chunk_logits(h, w, rows, d, c0, cols)?;
+        let mut dz = chunk_logits(h, w, rows, d, c0, cols);
         for r in 0..rows {
             let row = &mut dz[r * cols..(r + 1) * cols];
             let t = y[r];
@@ -263,9 +263,8 @@ fn cpu_backward_t<T: Elem>(
             gemm::matmul(rows, d, cols, dz, Mat { data: &w[c0 * d..(c0 + cols) * d], ld: d, trans: false }, dh, d, true);
         }
         if let Some(dw) = &mut dw {
-            let hs = T::slice(h).ok_or_else(|| Error::dtype("linear_cross_entropy backward", "hidden states and weight disagree in dtype"))?;
             let dz_t = Mat { trans: true, ..dz };
-            gemm::matmul(cols, d, rows, dz_t, Mat { data: hs, ld: d, trans: false }, &mut dw[c0 * d..(c0 + cols) * d], d, false);
+            gemm::matmul(cols, d, rows, dz_t, Mat { data: h, ld: d, trans: false }, &mut dw[c0 * d..(c0 + cols) * d], d, false);
         }
     }
     Ok((dh.map(T::wrap), dw.map(T::wrap)))
