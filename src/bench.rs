@@ -303,10 +303,11 @@ impl Placement {
     }
 }
 
-/// Peak memory of a benchmark: device pool bytes on a GPU, the process's resident set on the CPU.
+/// Peak memory of a benchmark: device pool bytes on a GPU, the counted heap (else the resident set)
+/// on the CPU.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Peak {
-    /// The most bytes live buffers held (PyTorch's `max_memory_allocated`); the CPU's peak RSS.
+    /// The most bytes live buffers held (PyTorch's `max_memory_allocated`); on the CPU, the heap's.
     pub allocated: u64,
     /// The most bytes the allocator held from the driver (PyTorch's `max_memory_reserved`).
     pub reserved: u64,
@@ -318,8 +319,8 @@ pub fn peak(device: Device) -> Result<Peak> {
     Ok(match device.memory()? {
         Some(m) => Peak { allocated: m.used_high, reserved: m.reserved_high },
         None => {
-            let heap = crate::heap::peak() as u64;
-            Peak { allocated: if heap > 0 { heap } else { peak_rss_bytes() }, reserved: peak_rss_bytes() }
+            let (heap, rss) = (crate::heap::peak() as u64, peak_rss_bytes());
+            Peak { allocated: if heap > 0 { heap } else { rss }, reserved: rss }
         }
     })
 }
@@ -395,19 +396,27 @@ fn time_steps(step: &mut dyn FnMut(&temper_runtime::train::Batch) -> Result<f64>
     })
 }
 
-/// LoRA (QLoRA over a quantised base) SFT steps on `place`: rank `r`, alpha 2r, all seven
-/// projections, AdamW over the adapter, CE over every token, two warm-up steps; the workload
-/// `tools/bench_sft_torch.py` (CPU) and `tools/bench_gpu_torch.py` (GPU) time on PyTorch + PEFT.
-pub fn lora_sft_placed(base: Llama, place: Placement, steps: usize, batch: usize, seq: usize, r: usize) -> Result<TrainTiming> {
+type LoraTrainer = temper_runtime::train::Trainer<temper_runtime::adapters::Lora, temper_runtime::loss::Loss<temper_runtime::loss::Ce>, AdamW>;
+
+/// A LoRA trainer over `base` on `place`: rank `r`, alpha 2r on all seven projections, AdamW over
+/// the adapter, CE over every token (what the PyTorch + PEFT baselines run).
+fn lora_trainer(base: Llama, place: Placement, r: usize) -> Result<LoraTrainer> {
     use temper_runtime::adapters::{Lora, Targets};
     place.check()?;
+    let mut model = base.with_adapter("default", &Lora::config(r, 2.0 * r as f64).targets(Targets::AllLinear))?;
+    place.place(&mut model)?;
+    Ok(temper_runtime::train::Trainer::new(model, temper_runtime::loss::ce(), AdamW::lr(1e-4)))
+}
+
+/// LoRA (QLoRA over a quantised base) SFT steps on `place` (see `lora_trainer`), two warm-up
+/// steps; the workload `tools/bench_sft_torch.py` (CPU) and `tools/bench_gpu_torch.py` (GPU) time
+/// on PyTorch + PEFT.
+pub fn lora_sft(base: Llama, place: Placement, steps: usize, batch: usize, seq: usize, r: usize) -> Result<TrainTiming> {
     if batch == 0 || seq < 2 {
         return Err(Error::Input(format!("lora-sft needs batch ≥ 1 and seq ≥ 2 (got batch {batch}, seq {seq})")));
     }
     let vocab = base.config.vocab_size;
-    let mut model = base.with_adapter("default", &Lora::config(r, 2.0 * r as f64).targets(Targets::AllLinear))?;
-    place.place(&mut model)?;
-    let mut trainer = temper_runtime::train::Trainer::new(model, temper_runtime::loss::ce(), AdamW::lr(1e-4));
+    let mut trainer = lora_trainer(base, place, r)?;
     time_steps(&mut |b| Ok(trainer.step(b)?.loss), place.device, vocab, steps, batch, seq)
 }
 
@@ -425,12 +434,8 @@ pub fn full_sft(shape: &Shape, place: Placement, steps: usize, batch: usize, seq
 /// in device memory, probing up from `start` by doubling to at most `limit`, then bisecting.
 /// Returns (longest that fit, shortest that did not, if any probe failed).
 pub fn max_seq(base: Llama, place: Placement, r: usize, start: usize, limit: usize, step: usize) -> Result<(usize, Option<usize>)> {
-    use temper_runtime::adapters::{Lora, Targets};
-    place.check()?;
     let vocab = base.config.vocab_size;
-    let mut model = base.with_adapter("default", &Lora::config(r, 2.0 * r as f64).targets(Targets::AllLinear))?;
-    place.place(&mut model)?;
-    let mut trainer = temper_runtime::train::Trainer::new(model, temper_runtime::loss::ce(), AdamW::lr(1e-4));
+    let mut trainer = lora_trainer(base, place, r)?;
     let mut fits = |seq: usize| -> Result<bool> {
         let r = random_batch(vocab, 1, seq).and_then(|b| trainer.step(&b).map(|_| ()));
         let r = r.and_then(|_| place.device.synchronize());
@@ -477,6 +482,23 @@ pub fn is_out_of_memory(e: &Error) -> bool {
     s.contains("OUT_OF_MEMORY") || s.contains("out of memory")
 }
 
+/// A `shape` tensor of standard normal values (drawn on the host from `rng`) in `place`'s dtype, on its device.
+fn randn(rng: &mut temper_runtime::rng::Rng, shape: &[usize], place: Placement) -> Result<Tensor> {
+    let v: Vec<f32> = (0..shape.iter().product::<usize>()).map(|_| rng.normal() as f32).collect();
+    Tensor::from_vec(v, shape, Device::Cpu)?.to_dtype(place.dtype())?.to_device(place.device)
+}
+
+/// Milliseconds per call of `f` over `iters` calls, the device synchronised before and after.
+fn time_ms(device: Device, iters: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    device.synchronize()?;
+    let t = Instant::now();
+    for _ in 0..iters.max(1) {
+        f()?;
+    }
+    device.synchronize()?;
+    Ok(1e3 * t.elapsed().as_secs_f64() / iters.max(1) as f64)
+}
+
 /// Timings of one attention shape: forward, backward, and FLOP rates by the usual convention
 /// (forward 4·b·h·s²·d, halved when causal; backward 2.5× the forward).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -494,12 +516,8 @@ pub fn attention(place: Placement, batch: usize, seq: usize, heads: usize, kv_he
     use temper_runtime::backend::{AttnMasks, AttnShape, BackendStorage, Storage};
     place.check()?;
     let mut rng = temper_runtime::rng::Rng::new(3);
-    let mut rand = |n: usize| -> Result<Tensor> {
-        let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
-        Tensor::from_vec(v, &[n], Device::Cpu)?.to_dtype(place.dtype())?.to_device(place.device)
-    };
-    let (qn, kn) = (batch * seq * heads * head_dim, batch * seq * kv_heads * head_dim);
-    let (qt, kt, vt, dt) = (rand(qn)?, rand(kn)?, rand(kn)?, rand(qn)?);
+    let (qs, ks) = ([batch, seq, heads, head_dim], [batch, seq, kv_heads, head_dim]);
+    let (qt, kt, vt, dt) = (randn(&mut rng, &qs, place)?, randn(&mut rng, &ks, place)?, randn(&mut rng, &ks, place)?, randn(&mut rng, &qs, place)?);
     let (q, k, v, d_out) = (qt.contiguous_storage()?, kt.contiguous_storage()?, vt.contiguous_storage()?, dt.contiguous_storage()?);
     let (q, k, v, d_out): (&Storage, &Storage, &Storage, &Storage) = (&q, &k, &v, &d_out);
     let shape = AttnShape { batch, q_len: seq, kv_len: seq, kv_cap: seq, n_heads: heads, n_kv_heads: kv_heads, head_dim };
@@ -507,17 +525,8 @@ pub fn attention(place: Placement, batch: usize, seq: usize, heads: usize, kv_he
     let scale = 1.0 / (head_dim as f64).sqrt();
     let (out, lse) = Storage::attention(q, k, v, &shape, &masks, scale)?;
     Storage::attention_backward(q, k, v, &out, &lse, d_out, &shape, &masks, scale)?;
-    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
-        place.device.synchronize()?;
-        let t = Instant::now();
-        for _ in 0..iters.max(1) {
-            f()?;
-        }
-        place.device.synchronize()?;
-        Ok(1e3 * t.elapsed().as_secs_f64() / iters.max(1) as f64)
-    };
-    let fwd_ms = time(&mut || Storage::attention(q, k, v, &shape, &masks, scale).map(|_| ()))?;
-    let bwd_ms = time(&mut || Storage::attention_backward(q, k, v, &out, &lse, d_out, &shape, &masks, scale).map(|_| ()))?;
+    let fwd_ms = time_ms(place.device, iters, &mut || Storage::attention(q, k, v, &shape, &masks, scale).map(|_| ()))?;
+    let bwd_ms = time_ms(place.device, iters, &mut || Storage::attention_backward(q, k, v, &out, &lse, d_out, &shape, &masks, scale).map(|_| ()))?;
     let fwd_flops = 4.0 * (batch * heads * seq * seq * head_dim) as f64 / 2.0;
     Ok(AttentionTiming { fwd_ms, bwd_ms, fwd_tflops: fwd_flops / (fwd_ms * 1e-3) / 1e12, fwd_bwd_tflops: 3.5 * fwd_flops / ((fwd_ms + bwd_ms) * 1e-3) / 1e12 })
 }
@@ -527,25 +536,15 @@ pub fn attention(place: Placement, batch: usize, seq: usize, heads: usize, kv_he
 pub fn gemm_tflops(place: Placement, n: usize, iters: usize) -> Result<f64> {
     place.check()?;
     let mut rng = temper_runtime::rng::Rng::new(5);
-    let mut rand = || -> Result<Tensor> {
-        let v: Vec<f32> = (0..n * n).map(|_| rng.normal() as f32).collect();
-        Tensor::from_vec(v, &[n, n], Device::Cpu)?.to_dtype(place.dtype())?.to_device(place.device)
-    };
-    let (a, b) = (rand()?, rand()?);
+    let (a, b) = (randn(&mut rng, &[n, n], place)?, randn(&mut rng, &[n, n], place)?);
     temper_runtime::ops::matmul(&a, &b, false, false)?;
-    place.device.synchronize()?;
-    let t = Instant::now();
-    for _ in 0..iters.max(1) {
-        temper_runtime::ops::matmul(&a, &b, false, false)?;
-    }
-    place.device.synchronize()?;
-    let secs = t.elapsed().as_secs_f64() / iters.max(1) as f64;
-    Ok(2.0 * (n * n * n) as f64 / secs / 1e12)
+    let ms = time_ms(place.device, iters, &mut || temper_runtime::ops::matmul(&a, &b, false, false).map(|_| ()))?;
+    Ok(2.0 * (n * n * n) as f64 / (ms * 1e-3) / 1e12)
 }
 
 /// Greedy generation of `new_tokens` tokens for `batch` random 16-token prompts on `place`, after
 /// one warm-up run. Returns generated tokens per second (all rows together).
-pub fn generation_placed(shape: &Shape, place: Placement, batch: usize, new_tokens: usize) -> Result<f64> {
+pub fn generation(shape: &Shape, place: Placement, batch: usize, new_tokens: usize) -> Result<f64> {
     place.check()?;
     let mut model = Llama::random(shape.config.clone(), 0.02, 0, place.dtype())?;
     place.place(&mut model)?;

@@ -740,7 +740,7 @@ fn bench(a: BenchArgs, threads: usize) -> Result<()> {
                 return Err(Error::Input(format!("qlora-sft needs a quantised base (--quant nf4, nf4-dq, fp4, fp4-dq or gguf), not {}; lora-sft trains over a dense one", format.name())));
             }
             let (batch, seq) = (a.batch.unwrap_or(shape.batch), a.seq.unwrap_or(shape.seq));
-            let t = b::lora_sft_placed(b::base_model(&shape, model, format)?, place, a.steps, batch, seq, a.rank)?;
+            let t = b::lora_sft(b::base_model(&shape, model, format)?, place, a.steps, batch, seq, a.rank)?;
             let mut j = timing_json(&a, &shape, &format.name(), threads, batch, seq, &t);
             j["model"] = serde_json::json!(model_name);
             // The CPU comparison (tools/bench_sft_compare.sh) reads these two.
@@ -774,7 +774,7 @@ fn bench(a: BenchArgs, threads: usize) -> Result<()> {
         }
         "generate" => {
             let batch = a.batch.unwrap_or(1);
-            let tps = b::generation_placed(&shape, place, batch, a.new_tokens)?;
+            let tps = b::generation(&shape, place, batch, a.new_tokens)?;
             serde_json::json!({
                 "impl": "temper", "workload": a.workload, "shape": shape.name, "threads": threads, "device": a.device, "bf16": a.bf16,
                 "batch": batch, "new_tokens": a.new_tokens, "tokens_per_s": tps, "peak_rss_bytes": b::peak_rss_bytes(),
@@ -814,7 +814,8 @@ fn bench(a: BenchArgs, threads: usize) -> Result<()> {
         "model" => {
             let seq = a.seq.unwrap_or(shape.seq);
             let batch = a.batch.unwrap_or(shape.batch);
-            let card = temper::perf_model::Card { peak_tflops: a.peak_tflops.unwrap_or(989.0), bandwidth_gbs: a.bandwidth_gbs.unwrap_or(3350.0) };
+            let h100 = temper::perf_model::Card::H100_SXM;
+            let card = temper::perf_model::Card { peak_tflops: a.peak_tflops.unwrap_or(h100.peak_tflops), bandwidth_gbs: a.bandwidth_gbs.unwrap_or(h100.bandwidth_gbs) };
             let m = temper::perf_model::StepModel::new(&shape.config, batch, seq, a.rank);
             print!("{}", m.report(&card));
             return Ok(());

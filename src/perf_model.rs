@@ -246,7 +246,7 @@ impl StepModel {
         let training_state = trained * (BF16 + 4.0 + 8.0);
         let per_token_layer = self.saved_per_token_layer(mode, BF16);
         let saved_activations = t * (c.num_hidden_layers as f64 * per_token_layer + BF16 * 2.0 * d);
-        let chunk = crate::perf_model::ce_chunk(self.batch * self.seq, c.vocab_size) as f64;
+        let chunk = temper_runtime::ops::linear_ce_default_chunk(self.batch * self.seq, c.vocab_size) as f64;
         let largest_linear = self.linears().iter().map(|&(_, i, o)| (i * o) as f64).fold(0.0, f64::max);
         let nf4_scratch = if mode == Mode::QloraNf4 { BF16 * largest_linear } else { 0.0 };
         let workspace = t * chunk.min(v) * BF16 + t * d * 4.0 + nf4_scratch + (32 << 20) as f64;
@@ -323,11 +323,6 @@ impl StepModel {
         }
         s
     }
-}
-
-/// The vocabulary chunk the fused cross-entropy uses for `rows` tokens.
-pub fn ce_chunk(rows: usize, vocab: usize) -> usize {
-    temper_runtime::ops::linear_ce_default_chunk(rows, vocab)
 }
 
 #[cfg(test)]
