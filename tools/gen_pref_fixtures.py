@@ -940,8 +940,17 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
     with open(os.path.join(OUT, "cases.json"), "w") as f:
         f.write(fmt(fixture) + "\n")
-    with open(os.path.join(OUT, "README.md"), "w") as f:
-        f.write(readme(fixture))
+    readme_path = os.path.join(OUT, "README.md")
+    # keep the section that tools/gen_pref_tokenization.py maintains at the end of the file
+    kept = ""
+    if os.path.exists(readme_path):
+        with open(readme_path) as f:
+            old = f.read()
+        marker = "<!-- gen_pref_tokenization: start -->"
+        if marker in old:
+            kept = "\n" + marker + old.split(marker, 1)[1]
+    with open(readme_path, "w") as f:
+        f.write(readme(fixture) + kept)
     print("wrote", OUT)
 
 
