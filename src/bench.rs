@@ -52,6 +52,7 @@ fn config(vocab: usize, hidden: usize, inter: usize, layers: usize, heads: usize
         eos_token_ids: vec![],
         pad_token_id: None,
         dtype: None,
+        num_labels: None,
     }
 }
 
@@ -418,6 +419,37 @@ pub fn lora_sft(base: Llama, place: Placement, steps: usize, batch: usize, seq: 
     let vocab = base.config.vocab_size;
     let mut trainer = lora_trainer(base, place, r)?;
     time_steps(&mut |b| Ok(trainer.step(b)?.loss), place.device, vocab, steps, batch, seq)
+}
+
+/// DPO steps (sigmoid, β 0.1) with LoRA rank `r` on all projections, the reference being the base
+/// with the adapter off: `batch` pairs, each a prompt of seq/2 random ids and a chosen and a rejected
+/// completion of seq − seq/2 ids, so 2·batch sequences of `seq` tokens per step (packed, here
+/// without padding). What `tools/bench_dpo_torch.py` times on TRL's DPOTrainer.
+pub fn dpo(base: Llama, place: Placement, steps: usize, batch: usize, seq: usize, r: usize) -> Result<TrainTiming> {
+    use temper_runtime::adapters::{Lora, Targets};
+    use temper_runtime::data::preference::{PreferencePair, Sequence};
+    if batch == 0 || seq < 4 {
+        return Err(Error::Input(format!("dpo needs batch ≥ 1 and seq ≥ 4 (got batch {batch}, seq {seq})")));
+    }
+    place.check()?;
+    let vocab = base.config.vocab_size;
+    let mut model = base.with_adapter("default", &Lora::config(r, 2.0 * r as f64).targets(Targets::AllLinear))?;
+    place.place(&mut model)?;
+    let mut trainer = temper_runtime::train::Trainer::new(model, temper_runtime::loss::dpo(0.1), AdamW::lr(1e-4));
+    let (p, c) = (seq / 2, seq - seq / 2);
+    let ids: Vec<u32> = token_ids(batch * (p + 2 * c), vocab, 7).into_iter().map(|x| x as u32).collect();
+    let pairs: Vec<PreferencePair> = ids
+        .chunks(p + 2 * c)
+        .enumerate()
+        .map(|(i, x)| PreferencePair {
+            chosen: Sequence::new(x[..p].to_vec(), x[p..p + c].to_vec()),
+            rejected: Sequence::new(x[..p].to_vec(), x[p + c..].to_vec()),
+            margin: 0.0,
+            source: format!("random pair {i}"),
+        })
+        .collect();
+    let b = temper_runtime::train::preference::pair_batches(&pairs, batch, 0, true)?;
+    time_steps(&mut |_| Ok(trainer.step_pairs(&b, None, None)?.loss), place.device, vocab, steps, 2 * batch, seq)
 }
 
 /// Full fine-tune steps (every weight trained, AdamW, fused CE) of the shape's random model.

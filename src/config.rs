@@ -37,6 +37,9 @@ pub struct TrainConfig {
     #[serde(default)]
     pub gguf_keep_quantized: bool,
     pub datasets: Vec<DatasetSection>,
+    /// Held-out datasets evaluated instead of a `val_set_size` split of `datasets` (Axolotl's key).
+    #[serde(default)]
+    pub test_datasets: Vec<DatasetSection>,
     /// Fraction of examples held out for evaluation (0 = none).
     #[serde(default)]
     pub val_set_size: f64,
@@ -86,6 +89,54 @@ pub struct TrainConfig {
     pub sample_prompts: Vec<String>,
     #[serde(default = "d_sample_tokens")]
     pub sample_max_new_tokens: usize,
+    /// Preference / reward training instead of SFT: `"dpo"`, `"ipo"`, `"kto"`, `"orpo"`,
+    /// `"simpo"` or `"reward"` (docs/preference.md). Absent: supervised fine-tuning.
+    pub rl: Option<String>,
+    /// β: the KL strength of DPO/IPO/KTO, SimPO's temperature, ORPO's λ (default 0.1, as TRL).
+    pub beta: Option<f64>,
+    /// DPO family: one TRL loss type or a list (`sigmoid`, `robust`, `hinge`, `ipo`,
+    /// `sigmoid_norm`, `apo_zero`, and `sft` = NLL on the chosen), combined with `loss_weights`.
+    pub loss_type: Option<StringOrList>,
+    /// One weight per `loss_type` (default 1 each).
+    pub loss_weights: Option<Vec<f64>>,
+    /// cDPO's ε with `sigmoid`, the flip rate with `robust`, SimPO's smoothing.
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// SimPO's target margin γ (TRL's default 0.5).
+    #[serde(default = "d_simpo_gamma")]
+    pub simpo_gamma: f64,
+    /// SimPO: weight of an NLL term on the chosen replies (CPO-SimPO; default 0).
+    #[serde(default)]
+    pub cpo_alpha: f64,
+    /// DPO: weight of an NLL term on the chosen replies (RPO; the same as adding `sft` to loss_type).
+    pub rpo_alpha: Option<f64>,
+    /// KTO: weights of desirable and undesirable items (default 1).
+    #[serde(default = "d_one_f64")]
+    pub desirable_weight: f64,
+    #[serde(default = "d_one_f64")]
+    pub undesirable_weight: f64,
+    /// Reward models: adds `c · mean((r_c + r_r)²)` to keep rewards centred.
+    pub center_rewards_coefficient: Option<f64>,
+    /// Compute the reference log-probs once before training (cached in output_dir) instead of
+    /// every step; with full fine-tuning this replaces the frozen copy of the model.
+    #[serde(default)]
+    pub precompute_ref_log_probs: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StringOrList {
+    One(String),
+    List(Vec<String>),
+}
+
+impl StringOrList {
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            StringOrList::One(s) => vec![s.clone()],
+            StringOrList::List(v) => v.clone(),
+        }
+    }
 }
 
 /// `[adapter]`.
@@ -135,6 +186,12 @@ pub struct DatasetSection {
     pub fields: std::collections::BTreeMap<String, toml::Value>,
 }
 
+fn d_simpo_gamma() -> f64 {
+    0.5
+}
+fn d_one_f64() -> f64 {
+    1.0
+}
 fn d_sequence_len() -> usize {
     512
 }
@@ -242,8 +299,11 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.val_set_size) {
             return err("val_set_size", format!("{} is not a fraction in [0, 1)", self.val_set_size));
         }
-        if self.eval_steps.is_some() && self.val_set_size == 0.0 {
-            return err("eval_steps", "evaluation needs held-out data: set val_set_size > 0".into());
+        if self.eval_steps.is_some() && self.val_set_size == 0.0 && self.test_datasets.is_empty() {
+            return err("eval_steps", "evaluation needs held-out data: set val_set_size > 0 or give test_datasets".into());
+        }
+        if self.val_set_size > 0.0 && !self.test_datasets.is_empty() {
+            return err("val_set_size", "choose one evaluation set: a val_set_size split or test_datasets".into());
         }
         if self.micro_batch_size == 0 || self.gradient_accumulation_steps == 0 || self.sequence_len < 2 {
             return err("micro_batch_size", "micro_batch_size and gradient_accumulation_steps must be ≥ 1 and sequence_len ≥ 2".into());
@@ -256,6 +316,62 @@ impl TrainConfig {
         }
         if let Some(s) = self.too_long.as_deref().filter(|s| !["drop", "truncate"].contains(s)) {
             return err("too_long", format!("`{s}` is not one of drop, truncate"));
+        }
+        self.check_rl(path)
+    }
+
+    /// The preference keys: a known `rl`, datasets of the matching format, loss types and weights
+    /// that agree, and keys set only where they mean something.
+    fn check_rl(&self, path: &Path) -> Result<()> {
+        let err = |key: &str, msg: String| Err(Error::Config { path: path.into(), key: key.into(), msg });
+        let Some(rl) = self.rl.as_deref() else {
+            for (key, set) in [("beta", self.beta.is_some()), ("loss_type", self.loss_type.is_some()), ("loss_weights", self.loss_weights.is_some()), ("rpo_alpha", self.rpo_alpha.is_some())] {
+                if set {
+                    return err(key, "is a preference-training key: set `rl` (dpo, ipo, kto, orpo, simpo, reward) to use it".into());
+                }
+            }
+            if let Some(d) = self.datasets.iter().find(|d| d.format == "preference" || d.format == "kto") {
+                return err("rl", format!("{} has format `{}`: set `rl` to train on it", d.path.display(), d.format));
+            }
+            return Ok(());
+        };
+        let want = match rl {
+            "dpo" | "ipo" | "orpo" | "simpo" | "reward" => "preference",
+            "kto" => "kto",
+            other => return err("rl", format!("`{other}` is not one of \"dpo\", \"ipo\", \"kto\", \"orpo\", \"simpo\", \"reward\"")),
+        };
+        if let Some(d) = self.datasets.iter().chain(&self.test_datasets).find(|d| d.format != want) {
+            return err("datasets.type", format!("rl = \"{rl}\" reads datasets of format \"{want}\", but {} is `{}`", d.path.display(), d.format));
+        }
+        if let Some(b) = self.beta.filter(|b| !(*b > 0.0 && b.is_finite())) {
+            return err("beta", format!("{b} must be a positive number"));
+        }
+        if (self.loss_type.is_some() || self.loss_weights.is_some() || self.rpo_alpha.is_some()) && rl != "dpo" && rl != "ipo" {
+            return err(if self.loss_type.is_some() { "loss_type" } else if self.loss_weights.is_some() { "loss_weights" } else { "rpo_alpha" }, format!("applies to rl = \"dpo\", not \"{rl}\""));
+        }
+        if let Some(types) = &self.loss_type {
+            let types = types.to_vec();
+            if types.is_empty() {
+                return err("loss_type", "needs at least one loss type".into());
+            }
+            for t in &types {
+                if t != "sft" && temper_runtime::loss::DpoLoss::parse(t).is_none() {
+                    return err("loss_type", format!("`{t}` is not one of sigmoid, robust, hinge, ipo, sigmoid_norm, apo_zero, sft"));
+                }
+            }
+            if let Some(w) = &self.loss_weights {
+                if w.len() != types.len() {
+                    return err("loss_weights", format!("{} weights for {} loss types", w.len(), types.len()));
+                }
+            }
+        } else if self.loss_weights.is_some() {
+            return err("loss_weights", "needs loss_type as a list".into());
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return err("label_smoothing", format!("{} is not in [0, 1)", self.label_smoothing));
+        }
+        if rl == "kto" && self.micro_batch_size < 2 {
+            return err("micro_batch_size", "KTO estimates its KL reference point from mismatched pairs inside a micro-batch: use micro_batch_size ≥ 2".into());
         }
         Ok(())
     }

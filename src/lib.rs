@@ -35,4 +35,5 @@ pub mod bench;
 pub mod heap;
 pub mod config;
 pub mod perf_model;
+pub mod preference;
 pub mod sft;

@@ -42,6 +42,9 @@ enum Command {
     Quantize(QuantizeArgs),
     /// Supervised fine-tuning from a TOML config (see docs/config.md).
     Train(TrainArgs),
+    /// Score completions or preference pairs with a reward model (a `…ForSequenceClassification`
+    /// folder, e.g. what `temper train` with rl = "reward" writes).
+    Reward(RewardArgs),
     /// Inspect training data as the model will see it.
     #[command(subcommand)]
     Data(DataCommand),
@@ -133,6 +136,30 @@ struct GenerateArgs {
 }
 
 #[derive(Args)]
+struct RewardArgs {
+    /// The reward model: a Hugging Face folder with a `score` head (LlamaForSequenceClassification).
+    model: PathBuf,
+    /// JSONL/JSON/Parquet of preference pairs (`prompt`, `chosen`, `rejected`) or of completions
+    /// (`prompt`, `completion`), strings or conversations.
+    #[arg(long)]
+    dataset: PathBuf,
+    /// Tokenizer folder (default: the model's).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// One JSON object per record, then a summary object.
+    #[arg(long)]
+    json: bool,
+    /// Sequences per forward.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 2048)]
+    max_length: usize,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
 struct InspectArgs {
     model: PathBuf,
     #[arg(long)]
@@ -142,7 +169,7 @@ struct InspectArgs {
 #[derive(Args)]
 struct BenchArgs {
     /// train (full fine-tune step, CPU, f32, the tools/bench_torch.py comparison), lora-sft (LoRA
-    /// training steps), qlora-sft (the same over a quantised base), full-sft (every weight trained;
+    /// training steps), dpo (LoRA DPO steps; --batch pairs, the tools/bench_dpo_compare.sh comparison), qlora-sft (the same over a quantised base), full-sft (every weight trained;
     /// --device, --bf16), weight-bytes (bytes of the weights in one --quant format), generate
     /// (greedy; --batch rows), attention (causal forward + backward at --batch × --seq with the
     /// shape's heads), gemm (a square bf16/f32 matmul of side --seq: the GEMM ceiling), max-seq (the
@@ -245,7 +272,10 @@ fn train(a: TrainArgs) -> Result<()> {
     let s = temper::sft::train(&a.config, a.resume, progress)?;
     let last = s.losses.last().copied().unwrap_or(f64::NAN);
     match s.last_eval {
-        Some((l, p)) => eprintln!("done: {} steps, last loss {last:.4}, eval loss {l:.4} (perplexity {p:.2})", s.steps),
+        Some(m) => {
+            let shown: Vec<String> = m.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+            eprintln!("done: {} steps, last loss {last:.4}; eval: {}", s.steps, shown.join(", "))
+        }
         None => eprintln!("done: {} steps, last loss {last:.4}", s.steps),
     }
     Ok(())
@@ -453,6 +483,7 @@ fn main() -> ExitCode {
         Command::Merge(a) => merge(a),
         Command::Quantize(a) => quantize(a),
         Command::Train(a) => train(a),
+        Command::Reward(a) => reward(a),
         Command::Data(DataCommand::Preview { config, n, json }) => temper::sft::preview(&config, n, json).map(|lines| {
             for l in lines {
                 println!("{l}");
@@ -604,6 +635,71 @@ fn load_tokenizer(model: &Path) -> Result<Tokenizer> {
     } else {
         Tokenizer::from_gguf(&temper::formats::gguf::GgufFile::open(model)?)
     }
+}
+
+fn reward(a: RewardArgs) -> Result<()> {
+    use temper::data::preference::{load_completions, load_pairs};
+    use temper::data::{DatasetSpec, Format, TokenizeOptions, TooLong};
+    let device = Device::parse(&a.device)?;
+    let mut model = Llama::load(&a.model, DType::F32)?;
+    if model.score.is_none() {
+        return Err(Error::Input(format!("{}: not a reward model (config.json's architectures is not …ForSequenceClassification, no score.weight)", a.model.display())));
+    }
+    model.to_device(device)?;
+    let tok = Tokenizer::from_hf_dir(a.tokenizer.as_deref().unwrap_or(&a.model))?;
+    let mut opts = TokenizeOptions::new(a.max_length);
+    opts.too_long = TooLong::Truncate;
+    let pad = model.config.pad_token_id.or(tok.pad_token_id).unwrap_or(0);
+    let paired = temper::data::preference::is_pair_file(&a.dataset)?;
+    let scores = |seqs: &[&temper::data::preference::Sequence]| -> Result<Vec<f64>> {
+        let mut out = Vec::with_capacity(seqs.len());
+        for chunk in seqs.chunks(a.batch.max(1)) {
+            let sb = temper::data::preference::seq_batch(chunk, pad, true)?;
+            let r = temper::autograd::no_grad(|| temper::train::preference::sequence_rewards(&model, &sb, temper::models::Mode { adapters: true, training: false }))?;
+            out.extend(r.to_f64_vec()?);
+        }
+        Ok(out)
+    };
+    if paired {
+        let (pairs, report) = load_pairs(&DatasetSpec::new(&a.dataset, Format::Preference), &tok, &opts)?;
+        eprintln!("{}: {report}", a.dataset.display());
+        let seqs: Vec<_> = pairs.iter().flat_map(|p| [&p.chosen, &p.rejected]).collect();
+        let r = scores(&seqs)?;
+        let (mut correct, mut margin) = (0usize, 0.0);
+        for (i, p) in pairs.iter().enumerate() {
+            let (c, rj) = (r[2 * i], r[2 * i + 1]);
+            correct += usize::from(c > rj);
+            margin += c - rj;
+            if a.json {
+                println!("{}", serde_json::json!({"source": p.source, "chosen": c, "rejected": rj, "margin": c - rj, "correct": c > rj}));
+            }
+        }
+        let n = pairs.len().max(1) as f64;
+        let summary = serde_json::json!({"pairs": pairs.len(), "accuracy": correct as f64 / n, "mean_margin": margin / n});
+        if a.json {
+            println!("{summary}");
+        } else {
+            println!("{} pairs: accuracy {:.4} (chosen scored above rejected), mean margin {:.4}", pairs.len(), correct as f64 / n, margin / n);
+        }
+    } else {
+        let (items, report) = load_completions(&DatasetSpec::new(&a.dataset, Format::Kto), &tok, &opts)?;
+        eprintln!("{}: {report}", a.dataset.display());
+        let r = scores(&items.iter().map(|(_, s)| s).collect::<Vec<_>>())?;
+        for ((src, _), v) in items.iter().zip(&r) {
+            if a.json {
+                println!("{}", serde_json::json!({"source": src, "reward": v}));
+            } else {
+                println!("{src}\t{v:.6}");
+            }
+        }
+        let mean = r.iter().sum::<f64>() / r.len().max(1) as f64;
+        if a.json {
+            println!("{}", serde_json::json!({"completions": r.len(), "mean_reward": mean}));
+        } else {
+            println!("{} completions: mean reward {mean:.4}", r.len());
+        }
+    }
+    Ok(())
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
@@ -780,6 +876,15 @@ fn bench(a: BenchArgs, threads: usize) -> Result<()> {
                 "batch": batch, "new_tokens": a.new_tokens, "tokens_per_s": tps, "peak_rss_bytes": b::peak_rss_bytes(),
                 "peak_allocated_bytes": b::peak(device)?.allocated, "steps": a.new_tokens,
             })
+        }
+        "dpo" => {
+            let (batch, seq) = (a.batch.unwrap_or((shape.batch / 2).max(1)), a.seq.unwrap_or(shape.seq));
+            let t = b::dpo(b::base_model(&shape, model, base("f32")?)?, place, a.steps, batch, seq, a.rank)?;
+            let mut j = timing_json(&a, &shape, "f32", threads, batch, seq, &t);
+            // tools/bench_dpo_compare.sh reads these two; batch is pairs, tokens/s counts both sides.
+            j["cpu_ms_per_step"] = serde_json::json!(t.cpu_ms);
+            j["peak_rss_mb"] = serde_json::json!(rss_mb());
+            j
         }
         "full-sft" => {
             let (batch, seq) = (a.batch.unwrap_or(shape.batch), a.seq.unwrap_or(shape.seq));

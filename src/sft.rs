@@ -24,7 +24,7 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
 }
 
 /// The chat template the config asks for (None: the tokenizer's own).
-fn chat_template(cfg: &TrainConfig, path: &Path) -> Result<Option<String>> {
+pub(crate) fn chat_template(cfg: &TrainConfig, path: &Path) -> Result<Option<String>> {
     match cfg.chat_template.as_deref() {
         None | Some("tokenizer") => Ok(None),
         Some(name) => {
@@ -40,10 +40,10 @@ fn chat_template(cfg: &TrainConfig, path: &Path) -> Result<Option<String>> {
     }
 }
 
-fn dataset_spec(cfg_path: &Path, d: &crate::config::DatasetSection) -> Result<DatasetSpec> {
+pub(crate) fn dataset_spec(cfg_path: &Path, d: &crate::config::DatasetSection) -> Result<DatasetSpec> {
     let bad = |key: &str, msg: String| Error::Config { path: cfg_path.into(), key: format!("datasets.{key}"), msg };
     let format: data::Format = serde_json::from_value(serde_json::Value::String(d.format.clone()))
-        .map_err(|_| bad("type", format!("`{}` is not one of chat, sharegpt, alpaca, completion, input_output, tokenized", d.format)))?;
+        .map_err(|_| bad("type", format!("`{}` is not one of chat, sharegpt, alpaca, completion, input_output, tokenized, preference, kto", d.format)))?;
     let mut spec = DatasetSpec::new(d.path.clone(), format);
     if let Some(t) = &d.train_on {
         spec.train_on = serde_json::from_value(serde_json::Value::String(t.clone()))
@@ -107,11 +107,31 @@ pub fn train(cfg_path: &Path, resume: bool, progress: Progress) -> Result<SftSum
         )));
     }
     base.gradient_checkpointing = cfg.gradient_checkpointing;
+    if cfg.rl.is_some() {
+        return crate::preference::train(&cfg, cfg_path, &tok, base, resume || cfg.resume, progress);
+    }
     let examples = load_examples(&cfg, cfg_path, &tok, false)?;
-    let (train_ex, eval_ex) = data::shuffle_split(examples, cfg.seed, cfg.val_set_size);
+    let (train_ex, mut eval_ex) = data::shuffle_split(examples, cfg.seed, cfg.val_set_size);
+    if !cfg.test_datasets.is_empty() {
+        let held_out = TrainConfig { datasets: cfg.test_datasets.clone(), ..cfg.clone() };
+        eval_ex = load_examples(&held_out, cfg_path, &tok, false)?;
+    }
     if train_ex.is_empty() {
         return Err(Error::Input(format!("{}: val_set_size {} leaves no training examples", cfg_path.display(), cfg.val_set_size)));
     }
+    let run = Run { cfg: &cfg, cfg_path, tok: &tok, train: &train_ex, eval: &eval_ex, resume: resume || cfg.resume, progress };
+    with_adapter(&cfg, base, run)
+}
+
+/// What to do with the model once its adapter is attached (generic over the adapter type).
+pub(crate) trait WithModel {
+    type Out;
+    fn go<A: AdapterFormat + temper_runtime::adapters::Adapter>(self, model: Llama<A>, adapter: Option<&str>) -> Result<Self::Out>;
+}
+
+/// Attaches the config's adapter to `base` (or unfreezes it for full fine-tuning) and hands the
+/// model to `then`.
+pub(crate) fn with_adapter<W: WithModel>(cfg: &TrainConfig, mut base: Llama, then: W) -> Result<W::Out> {
     let a = &cfg.adapter;
     let targets = match &a.target_modules {
         None => Targets::AllLinear,
@@ -120,7 +140,6 @@ pub fn train(cfg_path: &Path, resume: bool, progress: Progress) -> Result<SftSum
         Some(TargetModules::List(v)) => Targets::names(v.clone()),
     };
     let alpha = a.alpha.unwrap_or(2.0 * a.r as f64);
-    let run = Run { cfg: &cfg, cfg_path, tok: &tok, train: &train_ex, eval: &eval_ex, resume: resume || cfg.resume, progress };
     match a.kind.as_str() {
         // QLoRA is LoRA on the 4-bit base `load_options` gave.
         "lora" | "qlora" => {
@@ -129,7 +148,7 @@ pub fn train(cfg_path: &Path, resume: bool, progress: Progress) -> Result<SftSum
                 h.use_rslora = a.use_rslora;
                 h.loraplus_lr_ratio = a.loraplus_lr_ratio.unwrap_or(1.0);
             });
-            run.go(base.with_adapter("default", &c)?, Some("default"))
+            then.go(base.with_adapter("default", &c)?, Some("default"))
         }
         "dora" => {
             let c: AdapterConfig<Dora> = Dora::config(a.r, alpha).targets(targets).seed(cfg.seed).with(|h| {
@@ -137,11 +156,11 @@ pub fn train(cfg_path: &Path, resume: bool, progress: Progress) -> Result<SftSum
                 h.use_rslora = a.use_rslora;
                 h.loraplus_lr_ratio = a.loraplus_lr_ratio.unwrap_or(1.0);
             });
-            run.go(base.with_adapter("default", &c)?, Some("default"))
+            then.go(base.with_adapter("default", &c)?, Some("default"))
         }
         _ => {
             base.unfreeze(".")?;
-            run.go::<NoAdapter>(base, None)
+            then.go::<NoAdapter>(base, None)
         }
     }
 }
@@ -156,6 +175,13 @@ struct Run<'a> {
     progress: Progress,
 }
 
+impl WithModel for Run<'_> {
+    type Out = SftSummary;
+    fn go<A: AdapterFormat + temper_runtime::adapters::Adapter>(self, model: Llama<A>, adapter: Option<&str>) -> Result<SftSummary> {
+        self.run(model, adapter)
+    }
+}
+
 impl Run<'_> {
     /// Epoch `e`'s micro-batches: the training examples shuffled by (seed, e), packed or padded.
     fn epoch(&self, e: u64) -> Result<Vec<Batch>> {
@@ -168,52 +194,15 @@ impl Run<'_> {
         }
     }
 
-    fn go<A: AdapterFormat + temper_runtime::adapters::Adapter>(&self, mut model: Llama<A>, adapter: Option<&str>) -> Result<SftSummary> {
+    fn run<A: AdapterFormat + temper_runtime::adapters::Adapter>(&self, mut model: Llama<A>, adapter: Option<&str>) -> Result<SftSummary> {
         let cfg = self.cfg;
-        let device = cfg.device()?;
-        if cfg.bf16 {
-            // The base was loaded in bf16; adapters are drawn in f32 (the same draws as an f32 run) and
-            // stored in bf16 too. AdamW keeps f32 master copies of whatever it trains.
-            model.to_dtype(temper_runtime::DType::BF16)?;
-        }
-        if device.is_cuda() {
-            // Adapters are initialised on the host (the same draws as on the CPU), then everything moves.
-            model.to_device(device)?;
-        }
+        place(cfg, &mut model)?;
         let micro_per_epoch = self.epoch(0)?.len();
-        let total_steps = match cfg.max_steps {
-            Some(n) => n,
-            None => sft::steps_for_epochs(cfg.num_epochs.unwrap_or(1.0), micro_per_epoch, cfg.gradient_accumulation_steps),
-        };
         let pad = self.tok.pad_token_id.or(self.tok.eos_token_ids.first().copied()).unwrap_or(0);
         let eval = data::batches(self.eval, cfg.micro_batch_size, pad)?;
-        let kind = match cfg.lr_scheduler.as_deref() {
-            Some("linear") => ScheduleKind::Linear,
-            Some("constant") => ScheduleKind::Constant,
-            _ => ScheduleKind::Cosine,
-        };
-        let resume_from = if self.resume { checkpoint::list(&cfg.output_dir)?.pop().map(|(n, _)| n) } else { None };
-        let mut monitor = Monitor::new(&cfg.output_dir, total_steps, MonitorOptions { progress: self.progress, resume_from_step: resume_from })?;
-        if adapter.is_some() {
-            write_quant_sidecar(&cfg.output_dir, &cfg.load_options())?;
-        }
-        let prompts = self.sample_prompts()?;
+        let Prepared { opts, mut monitor, prompts } = prepare(cfg, self.cfg_path, self.tok, adapter, micro_per_epoch, self.resume, self.progress)?;
+        let total_steps = opts.total_steps;
         let samples = (!prompts.is_empty()).then(|| Samples { prompts, tokenizer: self.tok, max_new_tokens: cfg.sample_max_new_tokens });
-        let opts = SftOptions {
-            output_dir: cfg.output_dir.clone(),
-            gradient_accumulation_steps: cfg.gradient_accumulation_steps,
-            total_steps,
-            schedule: Schedule { kind, peak_lr: cfg.learning_rate, warmup_steps: cfg.warmup_steps, total_steps },
-            max_grad_norm: Some(cfg.max_grad_norm).filter(|&m| m > 0.0),
-            logging_steps: cfg.logging_steps,
-            eval_steps: cfg.eval_steps,
-            save_steps: cfg.save_steps,
-            save_total_limit: cfg.save_total_limit,
-            adapter: adapter.map(String::from),
-            base_model: Some(cfg.base_model.display().to_string()),
-            seed: cfg.seed,
-            resume: self.resume,
-        };
         eprintln!(
             "training {} examples ({} eval) for {total_steps} steps of {} × {} micro-batches; {}",
             self.train.len(),
@@ -232,22 +221,79 @@ impl Run<'_> {
         Ok(summary)
     }
 
-    /// The sample prompts rendered as a user turn with the generation prompt.
-    fn sample_prompts(&self) -> Result<Vec<Vec<u32>>> {
-        let template = chat_template(self.cfg, self.cfg_path)?.or_else(|| self.tok.chat_template.clone());
-        self.cfg
-            .sample_prompts
-            .iter()
-            .map(|p| match &template {
-                Some(t) => {
-                    let msgs = [temper_runtime::chat_template::ChatMessage::new("user", p.clone())];
-                    let text = temper_runtime::chat_template::render_chat(t, &msgs, true, self.tok.bos_token.as_deref(), self.tok.eos_token.as_deref())?;
-                    self.tok.encode(&text, false)
-                }
-                None => self.tok.encode(p, true),
-            })
-            .collect()
+}
+
+/// Casts the model to bf16 and moves it to the configured device.
+pub(crate) fn place<A: temper_runtime::adapters::Adapter>(cfg: &TrainConfig, model: &mut Llama<A>) -> Result<()> {
+    let device = cfg.device()?;
+    if cfg.bf16 {
+        // The base was loaded in bf16; adapters are drawn in f32 (the same draws as an f32 run) and
+        // stored in bf16 too. AdamW keeps f32 master copies of whatever it trains.
+        model.to_dtype(temper_runtime::DType::BF16)?;
     }
+    if device.is_cuda() {
+        // Adapters are initialised on the host (the same draws as on the CPU), then everything moves.
+        model.to_device(device)?;
+    }
+    Ok(())
+}
+
+/// The loop's options, the monitor and the sample prompts of a run.
+pub(crate) struct Prepared {
+    pub opts: SftOptions,
+    pub monitor: Monitor,
+    pub prompts: Vec<Vec<u32>>,
+}
+
+/// Steps from epochs or max_steps, the schedule, the monitor (resuming its logs) and the options.
+pub(crate) fn prepare(cfg: &TrainConfig, cfg_path: &Path, tok: &Tokenizer, adapter: Option<&str>, micro_per_epoch: usize, resume: bool, progress: Progress) -> Result<Prepared> {
+    let total_steps = match cfg.max_steps {
+        Some(n) => n,
+        None => sft::steps_for_epochs(cfg.num_epochs.unwrap_or(1.0), micro_per_epoch, cfg.gradient_accumulation_steps),
+    };
+    let kind = match cfg.lr_scheduler.as_deref() {
+        Some("linear") => ScheduleKind::Linear,
+        Some("constant") => ScheduleKind::Constant,
+        _ => ScheduleKind::Cosine,
+    };
+    let resume_from = if resume { checkpoint::list(&cfg.output_dir)?.pop().map(|(n, _)| n) } else { None };
+    let monitor = Monitor::new(&cfg.output_dir, total_steps, MonitorOptions { progress, resume_from_step: resume_from })?;
+    if adapter.is_some() {
+        write_quant_sidecar(&cfg.output_dir, &cfg.load_options())?;
+    }
+    let prompts = sample_prompts(cfg, cfg_path, tok)?;
+    let opts = SftOptions {
+        output_dir: cfg.output_dir.clone(),
+        gradient_accumulation_steps: cfg.gradient_accumulation_steps,
+        total_steps,
+        schedule: Schedule { kind, peak_lr: cfg.learning_rate, warmup_steps: cfg.warmup_steps, total_steps },
+        max_grad_norm: Some(cfg.max_grad_norm).filter(|&m| m > 0.0),
+        logging_steps: cfg.logging_steps,
+        eval_steps: cfg.eval_steps,
+        save_steps: cfg.save_steps,
+        save_total_limit: cfg.save_total_limit,
+        adapter: adapter.map(String::from),
+        base_model: Some(cfg.base_model.display().to_string()),
+        seed: cfg.seed,
+        resume,
+    };
+    Ok(Prepared { opts, monitor, prompts })
+}
+
+/// The config's sample prompts rendered as a user turn with the generation prompt.
+pub(crate) fn sample_prompts(cfg: &TrainConfig, cfg_path: &Path, tok: &Tokenizer) -> Result<Vec<Vec<u32>>> {
+    let template = chat_template(cfg, cfg_path)?.or_else(|| tok.chat_template.clone());
+    cfg.sample_prompts
+        .iter()
+        .map(|p| match &template {
+            Some(t) => {
+                let msgs = [temper_runtime::chat_template::ChatMessage::new("user", p.clone())];
+                let text = temper_runtime::chat_template::render_chat(t, &msgs, true, tok.bos_token.as_deref(), tok.eos_token.as_deref())?;
+                tok.encode(&text, false)
+            }
+            None => tok.encode(p, true),
+        })
+        .collect()
 }
 
 /// Where `temper train` puts its outputs (for messages).
@@ -256,7 +302,7 @@ impl Run<'_> {
 pub const QUANT_SIDECAR: &str = "temper_quantization.json";
 
 /// Writes [`QUANT_SIDECAR`] into `dir` when the base is quantised (removes a stale one otherwise).
-fn write_quant_sidecar(dir: &Path, opts: &temper_runtime::models::LoadOptions) -> Result<()> {
+pub(crate) fn write_quant_sidecar(dir: &Path, opts: &temper_runtime::models::LoadOptions) -> Result<()> {
     let p = dir.join(QUANT_SIDECAR);
     let json = match (opts.quantize, opts.keep_gguf_quantized) {
         (Some(c), _) => serde_json::json!({

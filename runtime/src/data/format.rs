@@ -40,11 +40,11 @@ pub enum Item {
     Tokens { input_ids: Vec<u32>, labels: Option<Vec<i64>> },
 }
 
-fn err(rec: &Record, msg: impl std::fmt::Display) -> Error {
+pub(crate) fn err(rec: &Record, msg: impl std::fmt::Display) -> Error {
     Error::Input(format!("{}: {msg}", rec.source))
 }
 
-fn field<'a>(rec: &Record, obj: &'a Value, key: &str, what: &str) -> Result<&'a Value> {
+pub(crate) fn field<'a>(rec: &Record, obj: &'a Value, key: &str, what: &str) -> Result<&'a Value> {
     match obj.get(key) {
         Some(v) if !v.is_null() => Ok(v),
         _ => Err(err(rec, format!("missing field `{key}` ({what})"))),
@@ -52,7 +52,7 @@ fn field<'a>(rec: &Record, obj: &'a Value, key: &str, what: &str) -> Result<&'a 
 }
 
 /// A string value; a list of `{"type": "text", "text": ...}` parts is joined.
-fn text(rec: &Record, v: &Value, key: &str) -> Result<String> {
+pub(crate) fn text(rec: &Record, v: &Value, key: &str) -> Result<String> {
     match v {
         Value::String(s) => Ok(s.clone()),
         Value::Array(parts) => {
@@ -69,7 +69,7 @@ fn text(rec: &Record, v: &Value, key: &str) -> Result<String> {
     }
 }
 
-fn kind(v: &Value) -> &'static str {
+pub(crate) fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a bool",
@@ -84,7 +84,7 @@ fn list<'a>(rec: &Record, v: &'a Value, key: &str) -> Result<&'a Vec<Value>> {
     v.as_array().ok_or_else(|| err(rec, format!("field `{key}` must be a list, found {}", kind(v))))
 }
 
-fn flag(rec: &Record, obj: &Value, key: &str) -> Result<Option<bool>> {
+pub(crate) fn flag(rec: &Record, obj: &Value, key: &str) -> Result<Option<bool>> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -99,6 +99,10 @@ pub fn parse(rec: &Record, format: Format, f: &FieldMap) -> Result<Item> {
     }
     let v = &rec.value;
     match format {
+        Format::Preference | Format::Kto => Err(err(rec, format!(
+            "format `{}` is read by the preference trainers (rl = \"dpo\", \"kto\", …), not as supervised examples",
+            if format == Format::Kto { "kto" } else { "preference" }
+        ))),
         Format::Chat => {
             let key = f.get("messages");
             let msgs = list(rec, field(rec, v, key, "the list of messages")?, key)?;
@@ -225,7 +229,7 @@ fn prefix(e: Error, p: &str) -> Error {
 }
 
 /// Known roles only, at least one message, no empty assistant turn.
-fn check_conversation(rec: &Record, turns: &[Turn], role_key: &str) -> Result<()> {
+pub(crate) fn check_conversation(rec: &Record, turns: &[Turn], role_key: &str) -> Result<()> {
     if turns.is_empty() {
         return Err(err(rec, "the conversation has no messages"));
     }

@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 pub mod chat;
 pub mod format;
 pub mod pack;
+pub mod preference;
 pub mod source;
 pub mod tokenize;
 
@@ -53,12 +54,18 @@ pub enum Format {
     InputOutput,
     /// `{"input_ids": [...], "labels": [...]}`: already tokenized; labels optional.
     Tokenized,
+    /// Preference pairs for DPO-family and reward-model training: `{"prompt", "chosen", "rejected"}`
+    /// as strings or as conversations, or ShareGPT `conversations` with `chosen`/`rejected` replies
+    /// (see [`preference`]).
+    Preference,
+    /// KTO's unpaired data: `{"prompt", "completion", "label": true|false}` (see [`preference`]).
+    Kto,
 }
 
 /// Which record keys hold what. Every field is optional; [`FieldMap::get`] gives the default
 /// for the key when it is unset (`messages`, `role`, `content`, `conversations`, `from`,
 /// `value`, `instruction`, `input`, `output`, `system`, `text`, `segments`, `label`,
-/// `input_ids`, `labels`, `train`).
+/// `input_ids`, `labels`, `train`, `prompt`, `chosen`, `rejected`, `completion`, `margin`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FieldMap {
@@ -84,6 +91,14 @@ pub struct FieldMap {
     pub label: Option<String>,
     pub input_ids: Option<String>,
     pub labels: Option<String>,
+    /// Preference / KTO: the prompt (a string or a list of messages).
+    pub prompt: Option<String>,
+    pub chosen: Option<String>,
+    pub rejected: Option<String>,
+    /// KTO: the completion; its desirability is the bool field `label`.
+    pub completion: Option<String>,
+    /// Preference (reward models): an optional per-pair margin.
+    pub margin: Option<String>,
 }
 
 impl FieldMap {
@@ -106,6 +121,11 @@ impl FieldMap {
             "label" => &self.label,
             "input_ids" => &self.input_ids,
             "labels" => &self.labels,
+            "prompt" => &self.prompt,
+            "chosen" => &self.chosen,
+            "rejected" => &self.rejected,
+            "completion" => &self.completion,
+            "margin" => &self.margin,
             _ => &None,
         };
         o.as_deref().unwrap_or(name)

@@ -17,7 +17,7 @@ use crate::Device;
 
 /// `examples` shuffled by `seed` (Fisher–Yates on SplitMix64, the same order on every machine)
 /// and split: the first `round(len · eval_fraction)` go to eval. Returns `(train, eval)`.
-pub fn shuffle_split(mut examples: Vec<Example>, seed: u64, eval_fraction: f64) -> (Vec<Example>, Vec<Example>) {
+pub fn shuffle_split<T>(mut examples: Vec<T>, seed: u64, eval_fraction: f64) -> (Vec<T>, Vec<T>) {
     let mut rng = Rng::new(seed);
     for i in (1..examples.len()).rev() {
         let j = rng.below(i as u64 + 1) as usize;

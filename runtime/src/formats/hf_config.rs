@@ -61,6 +61,9 @@ pub struct ModelConfig {
     pub pad_token_id: Option<u32>,
     /// `torch_dtype` / `dtype` as written, for information.
     pub dtype: Option<String>,
+    /// A sequence classifier (`LlamaForSequenceClassification`, …: a reward model with one label)
+    /// has a `score` head `[num_labels, hidden]` read at the last non-pad token; None: a causal LM.
+    pub num_labels: Option<usize>,
 }
 
 struct Reader<'a> {
@@ -149,13 +152,24 @@ impl ModelConfig {
         let r = Reader { path, v: &v };
         let arch_names: Vec<&str> = r.get("architectures").and_then(|a| a.as_array()).map(|a| a.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
         let model_type = r.get("model_type").and_then(|x| x.as_str()).unwrap_or("");
-        let architecture = match (arch_names.first().copied(), model_type) {
+        // `XForSequenceClassification` is the same decoder with a `score` head instead of `lm_head`.
+        let classifier = arch_names.first().and_then(|a| a.strip_suffix("ForSequenceClassification"));
+        let num_labels = match classifier {
+            None => None,
+            Some(_) => Some(match r.opt_usize("num_labels")? {
+                Some(n) => n,
+                // transformers' default is 2 unless id2label says otherwise.
+                None => r.get("id2label").and_then(|m| m.as_object()).map_or(2, |m| m.len()),
+            }),
+        };
+        let causal = classifier.map(|c| format!("{c}ForCausalLM"));
+        let architecture = match (causal.as_deref().or(arch_names.first().copied()), model_type) {
             (Some("LlamaForCausalLM"), _) | (None, "llama") => Architecture::Llama,
             (Some("MistralForCausalLM"), _) | (None, "mistral") => Architecture::Mistral,
             (Some("Qwen2ForCausalLM"), _) | (None, "qwen2") => Architecture::Qwen2,
             (Some("Qwen3ForCausalLM"), _) | (None, "qwen3") => Architecture::Qwen3,
             (Some(other), _) => {
-                return Err(r.err("architectures", format!("`{other}` is not supported (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)")))
+                return Err(r.err("architectures", format!("`{other}` is not supported (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, and their ForSequenceClassification forms)")))
             }
             (None, other) => return Err(r.err("model_type", format!("no `architectures` and model_type `{other}` is not one of llama, mistral, qwen2, qwen3"))),
         };
@@ -212,6 +226,7 @@ impl ModelConfig {
             eos_token_ids: r.token_ids("eos_token_id")?,
             pad_token_id: r.token_ids("pad_token_id")?.first().copied(),
             dtype: r.get("torch_dtype").or_else(|| r.get("dtype")).and_then(|v| v.as_str()).map(String::from),
+            num_labels,
         })
     }
 
@@ -236,8 +251,12 @@ impl ModelConfig {
         };
         let first_window = self.layer_windows.iter().position(|w| w.is_some());
         let window = first_window.and_then(|i| self.layer_windows[i]);
+        let class = match self.num_labels {
+            Some(_) => self.architecture.class_name().replace("ForCausalLM", "ForSequenceClassification"),
+            None => self.architecture.class_name().to_string(),
+        };
         let mut v = serde_json::json!({
-            "architectures": [self.architecture.class_name()],
+            "architectures": [class],
             "model_type": model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -263,6 +282,13 @@ impl ModelConfig {
         if matches!(self.architecture, Architecture::Qwen2 | Architecture::Qwen3) {
             v["use_sliding_window"] = Value::Bool(window.is_some());
             v["max_window_layers"] = serde_json::json!(first_window.unwrap_or(self.num_hidden_layers));
+        }
+        if let Some(n) = self.num_labels {
+            let id2label: serde_json::Map<String, Value> = (0..n).map(|i| (i.to_string(), Value::String(format!("LABEL_{i}")))).collect();
+            let label2id: serde_json::Map<String, Value> = (0..n).map(|i| (format!("LABEL_{i}"), serde_json::json!(i))).collect();
+            v["num_labels"] = serde_json::json!(n);
+            v["id2label"] = Value::Object(id2label);
+            v["label2id"] = Value::Object(label2id);
         }
         v
     }

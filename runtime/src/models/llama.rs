@@ -142,6 +142,10 @@ pub struct Llama<A: Adapter = NoAdapter> {
     /// None when tied to `embed_tokens`.
     #[module(rename = "lm_head.weight")]
     pub lm_head: Option<Tensor>,
+    /// The sequence-classification head `[num_labels, hidden]` of a reward model
+    /// (`LlamaForSequenceClassification`'s `score.weight`); None for a causal LM.
+    #[module(rename = "score.weight")]
+    pub score: Option<Tensor>,
     /// Recompute each decoder layer in backward instead of storing its activations.
     #[module(skip)]
     pub gradient_checkpointing: bool,
@@ -429,9 +433,14 @@ impl<A: Adapter> Llama<A> {
         }
         let embed_tokens = get.tensor("model.embed_tokens.weight", &[v, h])?;
         let norm = get.tensor("model.norm.weight", &[h])?;
-        let lm_head = if c.tie_word_embeddings { None } else { Some(get.tensor("lm_head.weight", &[v, h])?) };
+        // A sequence classifier has a `score` head and no `lm_head` (its logits would be unused).
+        let (lm_head, score) = match c.num_labels {
+            Some(n) => (None, Some(get.tensor("score.weight", &[n, h])?)),
+            None if c.tie_word_embeddings => (None, None),
+            None => (Some(get.tensor("lm_head.weight", &[v, h])?), None),
+        };
         let inv_freq = ops::rope_inv_freq(c.head_dim, c.rope_theta, &c.rope_scaling);
-        Ok(Llama { config, embed_tokens, layers, norm, lm_head, gradient_checkpointing: false, training: false, inv_freq })
+        Ok(Llama { config, embed_tokens, layers, norm, lm_head, score, gradient_checkpointing: false, training: false, inv_freq })
     }
 
     /// Attaches adapter `name` to the layers `cfg` targets (see [`AdapterHost::add_adapter`]).
@@ -650,6 +659,44 @@ impl<A: Adapter> Llama<A> {
         ops::rms_norm(&h, &self.norm, self.config.rms_norm_eps)
     }
 
+    /// This model as a reward model (transformers' `…ForSequenceClassification` with `num_labels`):
+    /// a trainable `score` head `[num_labels, hidden]` drawn from N(0, 0.02²) as transformers
+    /// initialises it, and no `lm_head`. A model that already has a head keeps it (it is made trainable).
+    pub fn into_sequence_classifier(mut self, num_labels: usize, seed: u64) -> Result<Self> {
+        if num_labels == 0 {
+            return Err(Error::Input("a sequence classifier needs at least one label".into()));
+        }
+        let h = self.config.hidden_size;
+        let score = match self.score.take() {
+            Some(s) if s.shape() == [num_labels, h] => s.detach(),
+            Some(s) => return Err(Error::Input(format!("the model's score head is {:?}, not [{num_labels}, {h}]", s.shape()))),
+            None => {
+                let mut rng = crate::rng::Rng::new(seed ^ 0x5C0E_5C0E);
+                let w: Vec<f32> = (0..num_labels * h).map(|_| (0.02 * rng.normal()) as f32).collect();
+                Tensor::from_vec(w, &[num_labels, h], crate::Device::Cpu)?.to_dtype(self.dtype())?.to_device(self.device())?
+            }
+        };
+        self.score = Some(score.requires_grad());
+        self.lm_head = None;
+        self.config.num_labels = Some(num_labels);
+        Ok(self)
+    }
+
+    /// The classification head's outputs `[n, num_labels]` at the flat positions `last`
+    /// (`row · seq + t`, each sequence's last real token) of the final hidden states.
+    pub fn score_at(&self, hidden: &Tensor, last: &[usize]) -> Result<Tensor> {
+        let score = self.score.as_ref().ok_or_else(|| Error::Input("this model has no score head: it is not a sequence classifier (reward model)".into()))?;
+        ensure_shape!(hidden.rank() == 3, "score", "hidden states must be [batch, seq, hidden], got {:?}", hidden.shape());
+        let (b, t, d) = (hidden.shape()[0], hidden.shape()[1], hidden.shape()[2]);
+        let idx: Vec<u32> = last.iter().map(|&i| i as u32).collect();
+        if let Some(bad) = idx.iter().find(|&&i| i as usize >= b * t) {
+            return Err(Error::Input(format!("score: position {bad} is outside the {b}×{t} batch")));
+        }
+        let n = idx.len();
+        let rows = ops::embedding(&ops::reshape(hidden, &[b * t, d])?, &Tensor::from_vec(idx, &[n], crate::Device::Cpu)?.to_device(hidden.device())?)?;
+        ops::linear(&rows, score, None)
+    }
+
     /// Logits `[batch, seq, vocab]`.
     pub fn forward(&self, input: &ForwardInput) -> Result<Tensor> {
         let h = self.hidden_states(input)?;
@@ -831,5 +878,6 @@ pub fn gguf_config(g: &GgufFile) -> Result<ModelConfig> {
         eos_token_ids: p.eos_token_id.into_iter().collect(),
         pad_token_id: p.pad_token_id,
         dtype: None,
+        num_labels: None,
     })
 }

@@ -1,6 +1,7 @@
 //! Elementwise arithmetic: residual add, difference, product, scaling, and the full sum.
 //!
-//! add: d(a+b) = (g, g);  sub: (g, −g);  mul: (g∘b, g∘a);  scale(a, c): c·g;  sum: g broadcast.
+//! add: d(a+b) = (g, g);  sub: (g, −g);  mul: (g∘b, g∘a);  scale(a, c): c·g;  add_scalar(a, c): g;
+//! sum: g broadcast.
 
 use super::output;
 use crate::autograd::GradFn;
@@ -82,6 +83,12 @@ pub fn scale(a: &Tensor, c: f64) -> Result<Tensor> {
     Ok(output(s, a.shape(), &[a], || Arc::new(ScaleBackward { a: a.edge(), c })))
 }
 
+/// `a + c` for a scalar `c` (its gradient is `g`: a scale by 1).
+pub fn add_scalar(a: &Tensor, c: f64) -> Result<Tensor> {
+    let s = a.contiguous_storage()?.affine(1.0, c)?;
+    Ok(output(s, a.shape(), &[a], || Arc::new(ScaleBackward { a: a.edge(), c: 1.0 })))
+}
+
 struct SumBackward {
     a: Tensor,
 }
@@ -120,7 +127,7 @@ mod tests {
             |t| {
                 let x = add(&t[0], &t[1])?;
                 let y = mul(&x, &t[0])?;
-                let z = sub(&y, &scale(&t[1], 0.5)?)?;
+                let z = sub(&add_scalar(&y, 0.3)?, &scale(&t[1], 0.5)?)?;
                 sum(&mul(&z, &z)?)
             },
             &[a, b],

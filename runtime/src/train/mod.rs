@@ -5,6 +5,7 @@
 //! need (a reference forward runs only when a term asks for it).
 
 pub mod checkpoint;
+pub mod preference;
 pub mod schedule;
 pub mod sft;
 
@@ -63,76 +64,25 @@ pub struct Trainer<A: Adapter, L, O: Optimizer> {
     pub model: Llama<A>,
     pub loss: L,
     pub optimizer: O,
+    /// Where preference and RL losses get reference log-probs (default: the model with its
+    /// adapters switched off).
+    pub reference: preference::Reference,
     step: u64,
 }
 
-impl<A: Adapter, L, O: Optimizer> Trainer<A, L, O>
-where
-    L: for<'a> Term<StepCx<'a, A>>,
-{
+impl<A: Adapter, L, O: Optimizer> Trainer<A, L, O> {
     /// Builds the optimizer over the model's trainable parameters (with their learning-rate
     /// multipliers, e.g. LoRA+) and puts the model in training mode.
     pub fn new<C: OptimizerConfig<Optimizer = O>>(mut model: Llama<A>, loss: L, optimizer: C) -> Trainer<A, L, O> {
         let params = model.trainable_with_lr_scale().into_iter().map(|(_, t, s)| (t, s)).collect();
         model.training = true;
-        Trainer { model, loss, optimizer: optimizer.build(params), step: 0 }
+        Trainer { model, loss, optimizer: optimizer.build(params), reference: preference::Reference::AdapterOff, step: 0 }
     }
 
-    /// Forward, loss, backward, update on one batch at the optimizer's current learning rate.
-    pub fn step(&mut self, batch: &Batch) -> Result<StepLog> {
-        self.step_accumulated(std::slice::from_ref(batch), None, None)
-    }
-
-    /// One optimizer step over several micro-batches. Each micro-batch's loss (a mean over its
-    /// target tokens) is weighted by its share of the step's target tokens, so the step equals one
-    /// big batch. `lr` (when given) is set first; gradients are clipped to `max_grad_norm`.
-    /// A non-finite loss or gradient norm is an error and the weights are left untouched.
-    pub fn step_accumulated(&mut self, micro: &[Batch], lr: Option<f64>, max_grad_norm: Option<f64>) -> Result<StepLog> {
-        let counts = micro.iter().map(Batch::target_tokens).collect::<Result<Vec<_>>>()?;
-        let total: usize = counts.iter().sum();
-        if total == 0 {
-            return Err(crate::Error::Input(format!("step {}: no target tokens in {} micro-batches (every label is -100)", self.step + 1, micro.len())));
-        }
-        let mut grads = Grads::default();
-        let (mut loss_sum, mut terms, mut input_tokens) = (0.0, TermLog::new(), 0);
-        for (batch, &n) in micro.iter().zip(&counts) {
-            if n == 0 {
-                continue;
-            }
-            let w = n as f64 / total as f64;
-            // Hidden states, not logits: the loss projects them chunk by chunk over the vocabulary
-            // (fused linear cross-entropy), so [tokens, vocab] logits are only formed if a term asks.
-            let hidden = self.model.hidden_states(&batch.input)?;
-            let cx = StepCx::from_hidden(&self.model, &batch.input, &batch.labels, hidden);
-            let mut t = TermLog::new();
-            let loss = crate::ops::scale(&self.loss.eval(&cx, &mut t)?, w)?;
-            drop(cx);
-            loss_sum += loss.to_scalar()?;
-            for (name, v) in t {
-                match terms.iter_mut().find(|(k, _)| *k == name) {
-                    Some((_, acc)) => *acc += w * v,
-                    None => terms.push((name, w * v)),
-                }
-            }
-            grads.accumulate(loss.backward()?)?;
-            input_tokens += batch.input_tokens()?;
-        }
-        let grad_norm = grads.global_norm()?;
-        if !loss_sum.is_finite() || !grad_norm.is_finite() {
-            return Err(crate::Error::Input(format!(
-                "step {}: the loss is {loss_sum} and the gradient norm {grad_norm}; stopping before the update (lower the learning rate or check the data)",
-                self.step + 1
-            )));
-        }
-        if let Some(max) = max_grad_norm.filter(|&m| m > 0.0 && grad_norm > m) {
-            grads.scale(max / (grad_norm + 1e-6))?;
-        }
-        if let Some(lr) = lr {
-            self.optimizer.set_lr(lr);
-        }
-        self.optimizer.step(&grads)?;
-        self.step += 1;
-        Ok(StepLog { step: self.step, loss: loss_sum, terms, trained_tokens: total, input_tokens, grad_norm, lr: lr.unwrap_or(f64::NAN) })
+    /// The reference policy of preference and RL losses ([`preference::Reference`]).
+    pub fn with_reference(mut self, reference: preference::Reference) -> Self {
+        self.reference = reference;
+        self
     }
 
     /// Mean cross-entropy over the target tokens of `batches` (no gradients, adapters on,
@@ -173,6 +123,98 @@ where
         self.model.training = false;
         self.model
     }
+
+    /// One optimizer step over `micro`: `f` gives each micro-batch's loss (a mean over its
+    /// `units`: target tokens, pairs, items), which is weighted by its share of the step's units so
+    /// the step equals one big batch. `lr` (when given) is set first; gradients are clipped to
+    /// `max_grad_norm`. A non-finite loss or gradient norm is an error and the weights are left untouched.
+    pub fn update<B>(
+        &mut self,
+        micro: &[B],
+        units: &[usize],
+        input_tokens: &[usize],
+        lr: Option<f64>,
+        max_grad_norm: Option<f64>,
+        mut f: impl FnMut(&Self, &B, &mut TermLog) -> Result<Tensor>,
+    ) -> Result<StepLog> {
+        let total: usize = units.iter().sum();
+        if total == 0 {
+            return Err(crate::Error::Input(format!("step {}: nothing to train on in {} micro-batches (every label is -100)", self.step + 1, micro.len())));
+        }
+        let mut grads = Grads::default();
+        let (mut loss_sum, mut terms, mut tokens) = (0.0, TermLog::new(), 0);
+        for ((batch, &n), &k) in micro.iter().zip(units).zip(input_tokens) {
+            if n == 0 {
+                continue;
+            }
+            let w = n as f64 / total as f64;
+            let mut t = TermLog::new();
+            let loss = crate::ops::scale(&f(&*self, batch, &mut t)?, w)?;
+            loss_sum += loss.to_scalar()?;
+            merge_terms(&mut terms, t, w);
+            grads.accumulate(loss.backward()?)?;
+            tokens += k;
+        }
+        let grad_norm = grads.global_norm()?;
+        if !loss_sum.is_finite() || !grad_norm.is_finite() {
+            return Err(crate::Error::Input(format!(
+                "step {}: the loss is {loss_sum} and the gradient norm {grad_norm}; stopping before the update (lower the learning rate or check the data)",
+                self.step + 1
+            )));
+        }
+        if let Some(max) = max_grad_norm.filter(|&m| m > 0.0 && grad_norm > m) {
+            grads.scale(max / (grad_norm + 1e-6))?;
+        }
+        if let Some(lr) = lr {
+            self.optimizer.set_lr(lr);
+        }
+        self.optimizer.step(&grads)?;
+        self.step += 1;
+        Ok(StepLog { step: self.step, loss: loss_sum, terms, trained_tokens: total, input_tokens: tokens, grad_norm, lr: lr.unwrap_or(f64::NAN) })
+    }
+}
+
+/// Adds `w ·` each of a micro-batch's named values into `acc`. A name a micro-batch logged twice
+/// (the reward metrics of two DPO-family terms) counts once.
+pub(crate) fn merge_terms(acc: &mut TermLog, t: TermLog, w: f64) {
+    let mut seen: Vec<&'static str> = Vec::new();
+    for (name, v) in t {
+        if seen.contains(&name) {
+            continue;
+        }
+        seen.push(name);
+        match acc.iter_mut().find(|(k, _)| *k == name) {
+            Some((_, a)) => *a += w * v,
+            None => acc.push((name, w * v)),
+        }
+    }
+}
+
+impl<A: Adapter, L, O: Optimizer> Trainer<A, L, O>
+where
+    L: for<'a> Term<StepCx<'a, A>>,
+{
+    /// Forward, loss, backward, update on one batch at the optimizer's current learning rate.
+    pub fn step(&mut self, batch: &Batch) -> Result<StepLog> {
+        self.step_accumulated(std::slice::from_ref(batch), None, None)
+    }
+
+    /// One optimizer step over several micro-batches. Each micro-batch's loss (a mean over its
+    /// target tokens) is weighted by its share of the step's target tokens, so the step equals one
+    /// big batch. `lr` (when given) is set first; gradients are clipped to `max_grad_norm`.
+    /// A non-finite loss or gradient norm is an error and the weights are left untouched.
+    pub fn step_accumulated(&mut self, micro: &[Batch], lr: Option<f64>, max_grad_norm: Option<f64>) -> Result<StepLog> {
+        let counts = micro.iter().map(Batch::target_tokens).collect::<Result<Vec<_>>>()?;
+        let tokens = micro.iter().map(Batch::input_tokens).collect::<Result<Vec<_>>>()?;
+        self.update(micro, &counts, &tokens, lr, max_grad_norm, |tr, batch, log| {
+            // Hidden states, not logits: the loss projects them chunk by chunk over the vocabulary
+            // (fused linear cross-entropy), so [tokens, vocab] logits are only formed if a term asks.
+            let hidden = tr.model.hidden_states(&batch.input)?;
+            let cx = StepCx::from_hidden(&tr.model, &batch.input, &batch.labels, hidden);
+            tr.loss.eval(&cx, log)
+        })
+    }
+
 }
 
 impl<A: AdapterFormat, L, O: Optimizer> Trainer<A, L, O> {

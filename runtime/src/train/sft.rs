@@ -6,10 +6,10 @@
 //! up exactly where the checkpoint was taken.
 
 use super::checkpoint::{self, TrainerState};
-use super::{Batch, Schedule, StepLog, Trainer};
+use super::preference::Steps;
+use super::{Schedule, StepLog, Trainer};
 use crate::adapters::AdapterFormat;
 use crate::error::{Error, Result};
-use crate::loss::{StepCx, Term};
 use crate::optim::Optimizer;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -133,7 +133,8 @@ fn decode_lenient(tok: &crate::tokenizer::Tokenizer, ids: &[u32]) -> Result<Stri
 pub struct SftSummary {
     pub steps: u64,
     pub losses: Vec<f64>,
-    pub last_eval: Option<(f64, f64)>,
+    /// The last evaluation's named values (`loss` first; SFT adds `ppl`, preference losses their metrics).
+    pub last_eval: Option<Vec<(&'static str, f64)>>,
     pub resumed_from: Option<u64>,
     pub final_dir: PathBuf,
 }
@@ -141,18 +142,19 @@ pub struct SftSummary {
 /// Runs supervised fine-tuning. `epoch_batches(e)` gives epoch `e`'s micro-batches; `eval` the
 /// evaluation batches. On a non-finite loss the run stops with an error naming the last good
 /// checkpoint, which is left intact.
-pub fn run<A, L, O>(
+pub fn run<A, L, O, B>(
     trainer: &mut Trainer<A, L, O>,
-    epoch_batches: &dyn Fn(u64) -> Result<Vec<Batch>>,
-    eval: &[Batch],
+    epoch_batches: &dyn Fn(u64) -> Result<Vec<B>>,
+    eval: &[B],
     samples: Option<&Samples<'_>>,
     opts: &SftOptions,
     log: &mut dyn Logger,
 ) -> Result<SftSummary>
 where
     A: AdapterFormat,
-    L: for<'a> Term<StepCx<'a, A>>,
     O: Optimizer,
+    B: Clone,
+    Trainer<A, L, O>: Steps<B>,
 {
     std::fs::create_dir_all(&opts.output_dir).map_err(|e| Error::io(&opts.output_dir, e))?;
     let adapter = opts.adapter.as_deref();
@@ -195,7 +197,7 @@ where
         }
         let step = trainer.steps();
         let lr = opts.schedule.lr_at(step);
-        let s: StepLog = trainer.step_accumulated(&micro, Some(lr), opts.max_grad_norm).map_err(|e| {
+        let s: StepLog = trainer.train_step(&micro, Some(lr), opts.max_grad_norm).map_err(|e| {
             let keep = match &last_good {
                 Some(d) => format!("the last good checkpoint is {}", d.display()),
                 None => "no checkpoint was written yet".to_string(),
@@ -216,9 +218,9 @@ where
         let last = s.step == opts.total_steps;
         if opts.eval_steps.is_some_and(|n| n > 0 && s.step % n == 0) || last {
             if !eval.is_empty() {
-                let (loss, ppl) = trainer.evaluate(eval)?;
-                log.eval(s.step, &[("loss", loss), ("ppl", ppl)])?;
-                last_eval = Some((loss, ppl));
+                let m = trainer.eval_metrics(eval)?;
+                log.eval(s.step, &m)?;
+                last_eval = Some(m);
             }
             if let Some(sm) = samples {
                 log_samples(trainer, sm, s.step, log)?;

@@ -1,0 +1,388 @@
+//! Preference (DPO family, SimPO, ORPO), KTO and reward-model steps.
+//!
+//! A pair batch forwards its chosen and rejected sequences together, packed several to a row
+//! where they fit ([`seq_batch`]), so no compute goes to padding; each sequence's completion
+//! log-probs are summed from the fused per-token log-probs. The reference policy's log-probs come
+//! from the [`Reference`] the trainer holds: the same weights with the adapters switched off
+//! (LoRA: no second copy), a frozen copy, or values computed once before training.
+
+use super::{merge_terms, Batch, StepLog, Trainer};
+use crate::adapters::{Adapter, AdapterHost};
+use crate::data::preference::{seq_batch, KtoItem, PreferencePair, SeqBatch, Sequence};
+use crate::error::{Error, Result};
+use crate::loss::{causal_lm_token_logprobs, KtoCx, KtoReference, PairCx, RewardCx, Term, TermLog};
+use crate::models::{Llama, Mode};
+use crate::ops;
+use crate::optim::Optimizer;
+use crate::tensor::Tensor;
+use std::sync::Arc;
+
+/// Where reference log-probs come from.
+#[derive(Clone)]
+pub enum Reference {
+    /// The policy with its adapters switched off: the base the adapter was attached to, at no
+    /// extra memory. Needs an adapter (with full fine-tuning the policy *is* the base).
+    AdapterOff,
+    /// A frozen copy of the initial model (full fine-tuning).
+    Model(Arc<Llama>),
+    /// Values computed once before training and carried by each batch
+    /// ([`precompute_pair_reference`], [`precompute_kto_reference`]).
+    Precomputed,
+}
+
+/// Pairs laid out for one step: chosen sequences first, then rejected, in one [`SeqBatch`].
+#[derive(Clone, Debug)]
+pub struct PairBatch {
+    pub seqs: SeqBatch,
+    pub chosen_tokens: Vec<usize>,
+    pub rejected_tokens: Vec<usize>,
+    pub margins: Vec<f64>,
+    /// Precomputed reference logps (chosen, rejected).
+    pub ref_logps: Option<(Vec<f64>, Vec<f64>)>,
+}
+
+impl PairBatch {
+    pub fn pairs(&self) -> usize {
+        self.chosen_tokens.len()
+    }
+}
+
+/// Reward-model batches are pair batches scored by the `score` head.
+#[derive(Clone, Debug)]
+pub struct RewardBatch(pub PairBatch);
+
+/// `pairs` in micro-batches of `micro_batch_size` pairs (the last may be smaller). `pack` puts
+/// several sequences in a row where they fit; otherwise each is right-padded to the longest.
+pub fn pair_batches(pairs: &[PreferencePair], micro_batch_size: usize, pad_id: u32, pack: bool) -> Result<Vec<PairBatch>> {
+    if micro_batch_size == 0 {
+        return Err(Error::Input("micro_batch_size must be at least 1".into()));
+    }
+    pairs
+        .chunks(micro_batch_size)
+        .map(|chunk| {
+            let seqs: Vec<&Sequence> = chunk.iter().map(|p| &p.chosen).chain(chunk.iter().map(|p| &p.rejected)).collect();
+            Ok(PairBatch {
+                seqs: seq_batch(&seqs, pad_id, pack)?,
+                chosen_tokens: chunk.iter().map(|p| p.chosen.scored_tokens()).collect(),
+                rejected_tokens: chunk.iter().map(|p| p.rejected.scored_tokens()).collect(),
+                margins: chunk.iter().map(|p| p.margin).collect(),
+                ref_logps: None,
+            })
+        })
+        .collect()
+}
+
+/// Σ log π over each sequence's completion `[sequences]`, in the order of `sb.spans`: the fused
+/// per-token log-probs, summed per sequence (a product with a 0/1 span matrix, so the gradient
+/// reaches every token).
+pub fn sequence_logps<A: Adapter>(model: &Llama<A>, sb: &SeqBatch, mode: Mode) -> Result<Tensor> {
+    Ok(sequence_logps_with_prompt(model, sb, mode, false)?.0)
+}
+
+/// [`sequence_logps`] and, when `whole`, also Σ log π over each whole sequence (prompt included:
+/// ORPO's NLL term) from the same forward.
+pub fn sequence_logps_with_prompt<A: Adapter>(model: &Llama<A>, sb: &SeqBatch, mode: Mode, whole: bool) -> Result<(Tensor, Option<Tensor>)> {
+    let hidden = model.hidden_states_mode(&sb.input, mode)?;
+    let lp = causal_lm_token_logprobs(&hidden, model.lm_head_weight(), &sb.labels)?;
+    Ok((span_sums(&lp, sb, false)?, if whole { Some(span_sums(&lp, sb, true)?) } else { None }))
+}
+
+/// Per-sequence sums of `[rows, seq]` values over each span's completion (or all of it, `whole`).
+fn span_sums(x: &Tensor, sb: &SeqBatch, whole: bool) -> Result<Tensor> {
+    let (rows, t) = (x.shape()[0], x.shape()[1]);
+    let n = sb.spans.len();
+    let mut ind = vec![0f32; n * rows * t];
+    // The value at position p scores token p + 1, so token k of a span is read at start + k − 1;
+    // the first token of a sequence is never scored.
+    for (i, s) in sb.spans.iter().enumerate() {
+        let first = if whole { 1 } else { s.prompt.max(1) };
+        let base = i * rows * t + s.row * t + s.start;
+        ind[base + first - 1..base + s.len - 1].iter_mut().for_each(|v| *v = 1.0);
+    }
+    let ind = Tensor::from_vec(ind, &[n, rows * t], crate::Device::Cpu)?.to_dtype(x.dtype())?.to_device(x.device())?;
+    let y = ops::linear(&ind, &ops::reshape(x, &[1, rows * t])?, None)?;
+    ops::reshape(&y, &[n])
+}
+
+/// Reference log-probs of `sb`'s sequences (no gradients): adapters off, or the frozen copy.
+fn reference_logps<A: Adapter>(model: &Llama<A>, reference: &Reference, sb: &SeqBatch) -> Result<Vec<f64>> {
+    let off = Mode { adapters: false, training: false };
+    crate::autograd::no_grad(|| match reference {
+        Reference::AdapterOff => {
+            if model.adapter_names().is_empty() {
+                return Err(Error::Input(
+                    "the reference policy is the base with its adapters off, but the model has no adapter (full fine-tuning): give a frozen reference model or precompute the reference log-probs".into(),
+                ));
+            }
+            sequence_logps(model, sb, off)?.to_f64_vec()
+        }
+        Reference::Model(m) => sequence_logps(m.as_ref(), sb, off)?.to_f64_vec(),
+        Reference::Precomputed => Err(Error::Input("the reference log-probs were to be precomputed, but this batch has none".into())),
+    })
+}
+
+fn split(v: Vec<f64>, n: usize) -> (Vec<f64>, Vec<f64>) {
+    let (a, b) = v.split_at(n);
+    (a.to_vec(), b.to_vec())
+}
+
+/// Fills every batch's reference log-probs from `model` as it is now (adapters off when it has
+/// any): call before training so the reference is the initial policy. With full fine-tuning this
+/// replaces a frozen copy of the weights.
+pub fn precompute_pair_reference<A: Adapter>(model: &Llama<A>, batches: &mut [PairBatch]) -> Result<()> {
+    for b in batches.iter_mut() {
+        let v = crate::autograd::no_grad(|| sequence_logps(model, &b.seqs, Mode { adapters: false, training: false })?.to_f64_vec())?;
+        b.ref_logps = Some(split(v, b.pairs()));
+    }
+    Ok(())
+}
+
+/// Metric sums over evaluation batches, weighted by their pairs (or items): the means over the set.
+fn weighted_metrics(parts: Vec<(usize, f64, TermLog)>) -> Vec<(&'static str, f64)> {
+    let total: usize = parts.iter().map(|p| p.0).sum();
+    let mut acc = TermLog::new();
+    let mut loss = 0.0;
+    for (n, l, t) in parts {
+        let w = n as f64 / total.max(1) as f64;
+        loss += w * l;
+        merge_terms(&mut acc, t, w);
+    }
+    let mut out = vec![("loss", loss)];
+    out.extend(acc);
+    out
+}
+
+/// Runs `f` with the model in evaluation mode and without gradients.
+fn eval_mode<A: Adapter, L, O: Optimizer, T>(tr: &mut Trainer<A, L, O>, f: impl FnOnce(&Trainer<A, L, O>) -> Result<T>) -> Result<T> {
+    let was = std::mem::replace(&mut tr.model.training, false);
+    let r = crate::autograd::no_grad(|| f(tr));
+    tr.model.training = was;
+    r
+}
+
+impl<A: Adapter, L, O: Optimizer> Trainer<A, L, O>
+where
+    L: for<'a> Term<PairCx<'a>>,
+{
+    /// The pair loss of one batch and its logged values.
+    pub fn pair_loss(&self, b: &PairBatch, log: &mut TermLog) -> Result<Tensor> {
+        let (logps, whole) = sequence_logps_with_prompt(&self.model, &b.seqs, Mode { adapters: true, training: self.model.training }, true)?;
+        let n = b.pairs();
+        let chosen = ops::narrow(&logps, 0, 0, n)?;
+        let rejected = ops::narrow(&logps, 0, n, n)?;
+        let chosen_whole = ops::narrow(&whole.expect("asked for"), 0, 0, n)?;
+        let whole_tokens: Vec<usize> = b.seqs.spans[..n].iter().map(|s| s.len - 1).collect();
+        let reference = move || -> Result<(Vec<f64>, Vec<f64>)> {
+            match &b.ref_logps {
+                Some(r) => Ok(r.clone()),
+                None => Ok(split(reference_logps(&self.model, &self.reference, &b.seqs)?, n)),
+            }
+        };
+        let cx = PairCx::new(chosen, rejected, b.chosen_tokens.clone(), b.rejected_tokens.clone(), Box::new(reference)).with_whole_chosen(chosen_whole, whole_tokens);
+        self.loss.eval(&cx, log)
+    }
+
+    /// One optimizer step of a pair loss (DPO family, SimPO, ORPO, …) over `micro`, each
+    /// micro-batch weighted by its pairs.
+    pub fn step_pairs(&mut self, micro: &[PairBatch], lr: Option<f64>, max_grad_norm: Option<f64>) -> Result<StepLog> {
+        let units: Vec<usize> = micro.iter().map(PairBatch::pairs).collect();
+        let tokens: Vec<usize> = micro.iter().map(|b| b.seqs.input_tokens()).collect();
+        self.update(micro, &units, &tokens, lr, max_grad_norm, |tr, b, log| tr.pair_loss(b, log))
+    }
+
+    /// The loss and every logged metric (rewards/accuracies, rewards/margins, …) over `eval`,
+    /// averaged over its pairs, without gradients and with adapters on.
+    pub fn evaluate_pairs(&mut self, eval: &[PairBatch]) -> Result<Vec<(&'static str, f64)>> {
+        eval_mode(self, |tr| {
+            let mut parts = Vec::with_capacity(eval.len());
+            for b in eval {
+                let mut t = TermLog::new();
+                let l = tr.pair_loss(b, &mut t)?.to_scalar()?;
+                parts.push((b.pairs(), l, t));
+            }
+            Ok(weighted_metrics(parts))
+        })
+    }
+}
+
+/// KTO items laid out for one step: the items' sequences (trained) and their mismatched KL
+/// sequences, each item's prompt with the previous item's completion (cycled within the batch).
+#[derive(Clone, Debug)]
+pub struct KtoBatch {
+    pub items: SeqBatch,
+    pub kl: SeqBatch,
+    pub labels: Vec<bool>,
+    /// Precomputed reference logps (items, KL sequences).
+    pub ref_logps: Option<(Vec<f64>, Vec<f64>)>,
+}
+
+/// `items` in micro-batches of `micro_batch_size`.
+pub fn kto_batches(items: &[KtoItem], micro_batch_size: usize, pad_id: u32, pack: bool) -> Result<Vec<KtoBatch>> {
+    if micro_batch_size == 0 {
+        return Err(Error::Input("micro_batch_size must be at least 1".into()));
+    }
+    items
+        .chunks(micro_batch_size)
+        .map(|chunk| {
+            let n = chunk.len();
+            let kl: Vec<Sequence> = (0..n).map(|i| Sequence::new(chunk[i].seq.prompt.clone(), chunk[(i + n - 1) % n].seq.completion.clone())).collect();
+            Ok(KtoBatch {
+                items: seq_batch(&chunk.iter().map(|it| &it.seq).collect::<Vec<_>>(), pad_id, pack)?,
+                kl: seq_batch(&kl.iter().collect::<Vec<_>>(), pad_id, pack)?,
+                labels: chunk.iter().map(|it| it.label).collect(),
+                ref_logps: None,
+            })
+        })
+        .collect()
+}
+
+/// [`precompute_pair_reference`] for KTO batches.
+pub fn precompute_kto_reference<A: Adapter>(model: &Llama<A>, batches: &mut [KtoBatch]) -> Result<()> {
+    let off = Mode { adapters: false, training: false };
+    for b in batches.iter_mut() {
+        let r = crate::autograd::no_grad(|| Ok((sequence_logps(model, &b.items, off)?.to_f64_vec()?, sequence_logps(model, &b.kl, off)?.to_f64_vec()?)))?;
+        b.ref_logps = Some(r);
+    }
+    Ok(())
+}
+
+impl<A: Adapter, L, O: Optimizer> Trainer<A, L, O>
+where
+    L: for<'a> Term<KtoCx<'a>>,
+{
+    /// The KTO loss of one batch and its logged values.
+    pub fn kto_loss(&self, b: &KtoBatch, log: &mut TermLog) -> Result<Tensor> {
+        let mode = Mode { adapters: true, training: self.model.training };
+        let logps = sequence_logps(&self.model, &b.items, mode)?;
+        let reference = move || -> Result<KtoReference> {
+            let policy_kl_logps = crate::autograd::no_grad(|| sequence_logps(&self.model, &b.kl, mode)?.to_f64_vec())?;
+            let (ref_logps, ref_kl_logps) = match &b.ref_logps {
+                Some(r) => r.clone(),
+                None => (reference_logps(&self.model, &self.reference, &b.items)?, reference_logps(&self.model, &self.reference, &b.kl)?),
+            };
+            Ok(KtoReference { ref_logps, ref_kl_logps, policy_kl_logps })
+        };
+        let cx = KtoCx::new(logps, b.labels.clone(), Box::new(reference));
+        self.loss.eval(&cx, log)
+    }
+
+    /// One optimizer step of a KTO loss over `micro`, each micro-batch weighted by its items.
+    pub fn step_kto(&mut self, micro: &[KtoBatch], lr: Option<f64>, max_grad_norm: Option<f64>) -> Result<StepLog> {
+        let units: Vec<usize> = micro.iter().map(|b| b.labels.len()).collect();
+        let tokens: Vec<usize> = micro.iter().map(|b| b.items.input_tokens() + b.kl.input_tokens()).collect();
+        self.update(micro, &units, &tokens, lr, max_grad_norm, |tr, b, log| tr.kto_loss(b, log))
+    }
+
+    /// The KTO loss and metrics over `eval`, averaged over its items.
+    pub fn evaluate_kto(&mut self, eval: &[KtoBatch]) -> Result<Vec<(&'static str, f64)>> {
+        eval_mode(self, |tr| {
+            let mut parts = Vec::with_capacity(eval.len());
+            for b in eval {
+                let mut t = TermLog::new();
+                let l = tr.kto_loss(b, &mut t)?.to_scalar()?;
+                parts.push((b.labels.len(), l, t));
+            }
+            Ok(weighted_metrics(parts))
+        })
+    }
+}
+
+/// The reward of each sequence of `sb` `[sequences]`: the score head at its last token (transformers
+/// reads it at the last non-pad token, the same position).
+pub fn sequence_rewards<A: Adapter>(model: &Llama<A>, sb: &SeqBatch, mode: Mode) -> Result<Tensor> {
+    let hidden = model.hidden_states_mode(&sb.input, mode)?;
+    let s = model.score_at(&hidden, &sb.last_token_index()?)?;
+    if s.shape()[1] != 1 {
+        return Err(Error::Input(format!("a reward model has one label, this one has {}", s.shape()[1])));
+    }
+    ops::reshape(&s, &[sb.spans.len()])
+}
+
+impl<A: Adapter, L, O: Optimizer> Trainer<A, L, O>
+where
+    L: Term<RewardCx>,
+{
+    /// The reward-model loss of one batch and its logged values.
+    pub fn reward_loss(&self, b: &PairBatch, log: &mut TermLog) -> Result<Tensor> {
+        let r = sequence_rewards(&self.model, &b.seqs, Mode { adapters: true, training: self.model.training })?;
+        let n = b.pairs();
+        let cx = RewardCx { chosen: ops::narrow(&r, 0, 0, n)?, rejected: ops::narrow(&r, 0, n, n)?, margins: b.margins.clone() };
+        self.loss.eval(&cx, log)
+    }
+
+    /// One optimizer step of a reward-model loss (Bradley–Terry) over `micro`.
+    pub fn step_rewards(&mut self, micro: &[RewardBatch], lr: Option<f64>, max_grad_norm: Option<f64>) -> Result<StepLog> {
+        let units: Vec<usize> = micro.iter().map(|b| b.0.pairs()).collect();
+        let tokens: Vec<usize> = micro.iter().map(|b| b.0.seqs.input_tokens()).collect();
+        self.update(micro, &units, &tokens, lr, max_grad_norm, |tr, b, log| tr.reward_loss(&b.0, log))
+    }
+
+    /// The loss, `accuracy` and `margin` over `eval`, averaged over its pairs.
+    pub fn evaluate_rewards(&mut self, eval: &[RewardBatch]) -> Result<Vec<(&'static str, f64)>> {
+        eval_mode(self, |tr| {
+            let mut parts = Vec::with_capacity(eval.len());
+            for b in eval {
+                let mut t = TermLog::new();
+                let l = tr.reward_loss(&b.0, &mut t)?.to_scalar()?;
+                parts.push((b.0.pairs(), l, t));
+            }
+            Ok(weighted_metrics(parts))
+        })
+    }
+}
+
+/// What the training loop needs of a trainer for batches of type `B`: a step and an evaluation.
+pub trait Steps<B> {
+    fn train_step(&mut self, micro: &[B], lr: Option<f64>, max_grad_norm: Option<f64>) -> Result<StepLog>;
+    /// Named evaluation values, `loss` first.
+    fn eval_metrics(&mut self, eval: &[B]) -> Result<Vec<(&'static str, f64)>>;
+}
+
+impl<A: Adapter, L, O: Optimizer> Steps<Batch> for Trainer<A, L, O>
+where
+    L: for<'a> Term<crate::loss::StepCx<'a, A>>,
+{
+    fn train_step(&mut self, micro: &[Batch], lr: Option<f64>, max_grad_norm: Option<f64>) -> Result<StepLog> {
+        self.step_accumulated(micro, lr, max_grad_norm)
+    }
+    fn eval_metrics(&mut self, eval: &[Batch]) -> Result<Vec<(&'static str, f64)>> {
+        let (loss, ppl) = self.evaluate(eval)?;
+        Ok(vec![("loss", loss), ("ppl", ppl)])
+    }
+}
+
+impl<A: Adapter, L, O: Optimizer> Steps<PairBatch> for Trainer<A, L, O>
+where
+    L: for<'a> Term<PairCx<'a>>,
+{
+    fn train_step(&mut self, micro: &[PairBatch], lr: Option<f64>, max_grad_norm: Option<f64>) -> Result<StepLog> {
+        self.step_pairs(micro, lr, max_grad_norm)
+    }
+    fn eval_metrics(&mut self, eval: &[PairBatch]) -> Result<Vec<(&'static str, f64)>> {
+        self.evaluate_pairs(eval)
+    }
+}
+
+impl<A: Adapter, L, O: Optimizer> Steps<KtoBatch> for Trainer<A, L, O>
+where
+    L: for<'a> Term<KtoCx<'a>>,
+{
+    fn train_step(&mut self, micro: &[KtoBatch], lr: Option<f64>, max_grad_norm: Option<f64>) -> Result<StepLog> {
+        self.step_kto(micro, lr, max_grad_norm)
+    }
+    fn eval_metrics(&mut self, eval: &[KtoBatch]) -> Result<Vec<(&'static str, f64)>> {
+        self.evaluate_kto(eval)
+    }
+}
+
+impl<A: Adapter, L, O: Optimizer> Steps<RewardBatch> for Trainer<A, L, O>
+where
+    L: Term<RewardCx>,
+{
+    fn train_step(&mut self, micro: &[RewardBatch], lr: Option<f64>, max_grad_norm: Option<f64>) -> Result<StepLog> {
+        self.step_rewards(micro, lr, max_grad_norm)
+    }
+    fn eval_metrics(&mut self, eval: &[RewardBatch]) -> Result<Vec<(&'static str, f64)>> {
+        self.evaluate_rewards(eval)
+    }
+}
