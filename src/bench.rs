@@ -435,7 +435,7 @@ pub fn dpo(base: Llama, place: Placement, steps: usize, batch: usize, seq: usize
     let vocab = base.config.vocab_size;
     let mut model = base.with_adapter("default", &Lora::config(r, 2.0 * r as f64).targets(Targets::AllLinear))?;
     place.place(&mut model)?;
-    let mut trainer = temper_runtime::train::Trainer::new(model, temper_runtime::loss::dpo(0.1), AdamW::lr(1e-4));
+    let mut trainer = temper_runtime::train::Trainer::preference(model, temper_runtime::loss::dpo(0.1), AdamW::lr(1e-4));
     let (p, c) = (seq / 2, seq - seq / 2);
     let ids: Vec<u32> = token_ids(batch * (p + 2 * c), vocab, 7).into_iter().map(|x| x as u32).collect();
     let pairs: Vec<PreferencePair> = ids

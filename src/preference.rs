@@ -92,6 +92,34 @@ fn load(cfg: &TrainConfig, cfg_path: &Path, tok: &Tokenizer, sets: &[crate::conf
     Ok(if kto { Data::Kto(items) } else { Data::Pairs(pairs) })
 }
 
+/// `temper data preview` of preference or KTO data: each record's prompt (inside `⟦ ⟧`, not
+/// scored) and completions as the model sees them, or one JSON object per record with the ids.
+pub(crate) fn preview(cfg: &TrainConfig, cfg_path: &Path, tok: &Tokenizer, n: usize, json: bool) -> Result<Vec<String>> {
+    let show = |s: &temper_runtime::data::preference::Sequence| -> Result<String> { Ok(format!("⟦{}⟧{}", tok.decode(&s.prompt, false)?, tok.decode(&s.completion, false)?)) };
+    let mut out = Vec::new();
+    match load(cfg, cfg_path, tok, &cfg.datasets)? {
+        Data::Pairs(pairs) => {
+            for p in pairs.iter().take(n) {
+                out.push(if json {
+                    serde_json::json!({"source": p.source, "prompt_ids": p.chosen.prompt, "chosen_ids": p.chosen.completion, "rejected_ids": p.rejected.completion, "margin": p.margin}).to_string()
+                } else {
+                    format!("== {} ({} prompt tokens; chosen {}, rejected {} scored) ==\n{}\n-- rejected --\n{}", p.source, p.chosen.prompt.len(), p.chosen.scored_tokens(), p.rejected.scored_tokens(), show(&p.chosen)?, show(&p.rejected)?)
+                });
+            }
+        }
+        Data::Kto(items) => {
+            for it in items.iter().take(n) {
+                out.push(if json {
+                    serde_json::json!({"source": it.source, "prompt_ids": it.seq.prompt, "completion_ids": it.seq.completion, "label": it.label}).to_string()
+                } else {
+                    format!("== {} ({}) ==\n{}", it.source, if it.label { "desirable" } else { "undesirable" }, show(&it.seq)?)
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// `temper train` for a config with `rl`.
 pub(crate) fn train(cfg: &TrainConfig, cfg_path: &Path, tok: &Tokenizer, base: Llama, resume: bool, progress: Progress) -> Result<SftSummary> {
     let rl = cfg.rl.clone().unwrap_or_default();
@@ -121,9 +149,6 @@ pub(crate) fn train(cfg: &TrainConfig, cfg_path: &Path, tok: &Tokenizer, base: L
     };
     let mut base = base;
     if rl == "reward" {
-        if resume && !full {
-            return Err(Error::Input("resuming a LoRA reward-model run is not supported yet: its checkpoints do not carry the score head".into()));
-        }
         base = base.into_sequence_classifier(1, cfg.seed)?;
         base.config.pad_token_id = base.config.pad_token_id.or(tok.pad_token_id).or(tok.eos_token_ids.first().copied());
     }
@@ -180,14 +205,14 @@ impl WithModel for PrefRun<'_> {
                 };
                 if rl == "reward" {
                     let center = cfg.center_rewards_coefficient.unwrap_or(0.0);
-                    let trainer = Trainer::new(model, bradley_terry().center_rewards(center), optimizer);
+                    let trainer = Trainer::reward_model(model, bradley_terry().center_rewards(center), optimizer);
                     let epoch = |e: u64| -> Result<Vec<RewardBatch>> { Ok(epoch(e)?.into_iter().map(RewardBatch).collect()) };
                     let eval_b: Vec<RewardBatch> = eval_b.into_iter().map(RewardBatch).collect();
                     let (summary, trainer) = self.fit(trainer, &epoch, &eval_b, adapter, train.len(), eval.len())?;
                     save_reward_model(cfg, self.tok, trainer.into_model(), adapter)?;
                     Ok(summary)
                 } else {
-                    let trainer = Trainer::new(model, pair_loss(cfg)?, optimizer).with_reference(self.reference.clone());
+                    let trainer = Trainer::preference(model, pair_loss(cfg)?, optimizer).with_reference(self.reference.clone());
                     Ok(self.fit(trainer, &epoch, &eval_b, adapter, train.len(), eval.len())?.0)
                 }
             }
@@ -201,7 +226,7 @@ impl WithModel for PrefRun<'_> {
                 }
                 let eval_b = kto_batches(eval, mbs, pad, true)?;
                 let loss = kto(beta).weights(cfg.desirable_weight, cfg.undesirable_weight);
-                let trainer = Trainer::new(model, loss, optimizer).with_reference(self.reference.clone());
+                let trainer = Trainer::kto(model, loss, optimizer).with_reference(self.reference.clone());
                 let epoch = |e: u64| -> Result<Vec<KtoBatch>> {
                     let items: Vec<KtoItem> = shuffled(train.len(), cfg.seed, e).iter().map(|&i| train[i].clone()).collect();
                     kto_batches(&items, mbs, pad, true)

@@ -87,6 +87,9 @@ pub fn preview(cfg_path: &Path, n: usize, json: bool) -> Result<Vec<String>> {
     // Fail before loading anything when the device is missing.
     cfg.device().map_err(|e| Error::Input(format!("{}: key `device`: {e}", cfg_path.display())))?;
     let tok = load_tokenizer(cfg.tokenizer.as_ref().unwrap_or(&cfg.base_model))?;
+    if cfg.rl.is_some() {
+        return crate::preference::preview(&cfg, cfg_path, &tok, n, json);
+    }
     let ex = load_examples(&cfg, cfg_path, &tok, json)?;
     data::preview(&ex, &tok, n, json)
 }

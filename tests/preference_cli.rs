@@ -102,6 +102,11 @@ fn dpo_with_lora_learns_the_preference_and_logs_trl_metrics() {
     assert!(last_eval["eval_rewards/margins"].as_f64().unwrap() > 0.0 && last_eval["eval_rewards/accuracies"].as_f64().unwrap() >= 0.75, "{last_eval:?}\n{err}");
     assert!(last_eval["eval_loss"].as_f64().unwrap() < std::f64::consts::LN_2, "{last_eval:?}");
     assert!(dir.join("out/adapter_model.safetensors").exists());
+    assert!(dir.join("out/rewards.png").exists(), "the margin/accuracy plot");
+    // `temper data preview` shows the pairs as the model sees them: the prompt inside ⟦ ⟧.
+    let (ok, stdout, err) = temper(&["data", "preview", cfg.to_str().unwrap(), "--n", "1"]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("⟦<|im_start|>user\nsay 0<|im_end|>\n<|im_start|>assistant\n⟧0 ok<|im_end|>") && stdout.contains("-- rejected --"), "{stdout}");
 }
 
 #[test]
@@ -176,9 +181,17 @@ fn a_reward_model_saves_as_a_sequence_classifier_and_temper_reward_scores_pairs(
     assert!(lines[0]["chosen"].as_f64().unwrap() > lines[0]["rejected"].as_f64().unwrap() || !lines[0]["correct"].as_bool().unwrap());
     // A LoRA reward model is merged into out/reward_model.
     let dir2 = scratch_dir("pref-reward-lora");
-    let cfg2 = write_config(&dir2, &data, "preference", "rl = \"reward\"\nmax_steps = 2", LORA);
+    let cfg2 = write_config(&dir2, &data, "preference", "rl = \"reward\"\nmax_steps = 2\nsave_steps = 1", LORA);
     train(&dir2, &cfg2);
     assert!(dir2.join("out/reward_model/model.safetensors").exists());
+    // Its checkpoints are PEFT SEQ_CLS adapters carrying the head (modules_to_save), so it resumes.
+    let ac: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir2.join("out/checkpoint-2/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(ac["task_type"], "SEQ_CLS");
+    let head = temper::formats::safetensors::SafetensorsFiles::open_files(&[dir2.join("out/checkpoint-2/adapter_model.safetensors")]).unwrap();
+    assert!(head.contains("base_model.model.score.weight"));
+    std::fs::write(&cfg2, std::fs::read_to_string(&cfg2).unwrap().replace("max_steps = 2", "max_steps = 3")).unwrap();
+    let (ok, _, err) = temper(&["train", cfg2.to_str().unwrap(), "--resume", "--progress", "lines"]);
+    assert!(ok && err.contains("step 3/3"), "{err}");
     let (ok, stdout, err) = temper(&["reward", dir2.join("out/reward_model").to_str().unwrap(), "--dataset", write_kto(&dir2, 3).to_str().unwrap()]);
     assert!(ok && stdout.contains("3 completions: mean reward"), "{stdout}{err}");
     // Not a reward model.

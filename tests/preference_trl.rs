@@ -84,7 +84,7 @@ fn check(name: &str, loss: f64, log: &TermLog, grads: &HashMap<String, Vec<f64>>
 
 fn pair_case<L: for<'a> temper::loss::Term<temper::loss::PairCx<'a>>>(c: &Value, case: &Value, loss: L, pack: bool, tol: f64) {
     let name = case["name"].as_str().expect("name");
-    let trainer = Trainer::new(model("policy"), loss, AdamW::lr(0.0));
+    let trainer = Trainer::preference(model("policy"), loss, AdamW::lr(0.0));
     let mut b = pair_batches(&pairs(c), 4, 0, pack).expect("batch").remove(0);
     b.ref_logps = Some((floats(&c["ref_chosen_logps"]), floats(&c["ref_rejected_logps"])));
     let mut log = TermLog::new();
@@ -158,7 +158,7 @@ fn policy_and_reference_log_probs_match_trl_through_every_reference_source() {
     assert!(common::relative_error(&lp, &want) < 1e-12, "{lp:?} vs {want:?}");
     // A frozen reference model gives the recorded reference log-probs; precomputing them from it too.
     let reference = Llama::load(&common::fixture("preference/reference"), DType::F64).expect("reference");
-    let trainer = Trainer::new(model("policy"), dpo_terms(&c["dpo"][0]), AdamW::lr(0.0)).with_reference(Reference::Model(Arc::new(reference.clone())));
+    let trainer = Trainer::preference(model("policy"), dpo_terms(&c["dpo"][0]), AdamW::lr(0.0)).with_reference(Reference::Model(Arc::new(reference.clone())));
     let mut log = TermLog::new();
     let l = trainer.pair_loss(&b, &mut log).expect("loss").to_scalar().expect("scalar");
     assert!((l - c["dpo"][0]["loss"].as_f64().unwrap()).abs() < 1e-9);
@@ -170,7 +170,7 @@ fn policy_and_reference_log_probs_match_trl_through_every_reference_source() {
     let b2 = pair_batches(&p, 4, 0, true).expect("batch").remove(0);
     let e = trainer.pair_loss(&b2, &mut TermLog::new()).map(|_| ());
     assert!(e.is_ok(), "the trainer holds a frozen reference");
-    let plain = Trainer::new(model("policy"), dpo_terms(&c["dpo"][0]), AdamW::lr(0.0));
+    let plain = Trainer::preference(model("policy"), dpo_terms(&c["dpo"][0]), AdamW::lr(0.0));
     let e = plain.pair_loss(&b2, &mut TermLog::new()).map(|_| ()).unwrap_err().to_string();
     assert!(e.contains("no adapter") && e.contains("frozen reference"), "{e}");
 }
@@ -191,7 +191,7 @@ fn kto_matches_trl() {
     for case in k["cases"].as_array().expect("cases") {
         let cfg = &case["config"];
         let loss = kto(cfg["beta"].as_f64().unwrap()).weights(cfg["desirable_weight"].as_f64().unwrap(), cfg["undesirable_weight"].as_f64().unwrap());
-        let trainer = Trainer::new(model("policy"), loss, AdamW::lr(0.0)).with_reference(Reference::Model(Arc::new(reference.clone())));
+        let trainer = Trainer::kto(model("policy"), loss, AdamW::lr(0.0)).with_reference(Reference::Model(Arc::new(reference.clone())));
         let b = kto_batches(&items, 6, 0, true).expect("batch").remove(0);
         // The mismatched KL items are TRL's: item i's prompt with item i−1's completion.
         for (i, it) in k["kl_items"].as_array().unwrap().iter().enumerate() {
@@ -225,7 +225,7 @@ fn reward_model_rewards_loss_and_gradients_match_transformers_and_trl() {
             })
             .collect();
         let loss = bradley_terry().center_rewards(cfg["center_rewards_coefficient"].as_f64().unwrap_or(0.0));
-        let trainer = Trainer::new(model("reward_model"), loss, AdamW::lr(0.0));
+        let trainer = Trainer::reward_model(model("reward_model"), loss, AdamW::lr(0.0));
         for pack in [true, false] {
             let b = pair_batches(&p, 4, 0, pack).expect("batch").remove(0);
             let rewards = temper::train::preference::sequence_rewards(&trainer.model, &b.seqs, temper::models::Mode { adapters: true, training: false }).unwrap().to_f64_vec().unwrap();

@@ -5,6 +5,7 @@
 //! (`model.merge_adapter::<Lora>("default")`); [`crate::models::Llama`] wraps them without it.
 
 use super::{Adapter, AdapterConfig, AdapterFormat};
+use crate::module::ModuleExt;
 use crate::error::{Error, Result};
 use crate::formats::safetensors::{self as st, SafetensorsFiles};
 use crate::models::linear::{AdapterSlot, Linear, LinearWeight};
@@ -16,6 +17,9 @@ use std::path::Path;
 
 /// PEFT's prefix of every saved adapter key.
 pub const PEFT_PREFIX: &str = "base_model.model.";
+
+/// The classification head of a sequence classifier (reward model), saved beside an adapter.
+pub const SCORE_KEY: &str = "score.weight";
 
 /// PEFT's saved key of an adapter parameter: `base_model.model.<module>.<key>`.
 pub fn peft_key(module: &str, key: &str) -> String {
@@ -174,11 +178,19 @@ pub trait AdapterHost: Module {
         if layers.is_empty() {
             return Err(no_adapter(self, name));
         }
-        let config = A::write_config(&layers, &self.linear_names(), base_model)?;
+        let mut config = A::write_config(&layers, &self.linear_names(), base_model)?;
+        let mut tensors = self.adapter_parameters(name);
+        // A sequence classifier's head (a reward model's `score`) is trained in full beside the
+        // adapter: PEFT's task_type SEQ_CLS keeps it as a module to save, under its plain key.
+        if let Some((_, score)) = self.named_parameters().into_iter().find(|(n, t)| n == SCORE_KEY && t.requires_grad_flag()) {
+            tensors.push((format!("{PEFT_PREFIX}{SCORE_KEY}"), score));
+            config["task_type"] = serde_json::json!("SEQ_CLS");
+            config["modules_to_save"] = serde_json::json!(["classifier", "score"]);
+        }
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let text = serde_json::to_string_pretty(&config).map_err(|e| Error::Input(format!("adapter_config.json: {e}")))?;
         st::write_atomic(&dir.join("adapter_config.json"), text.as_bytes())?;
-        st::save(&dir.join("adapter_model.safetensors"), &self.adapter_parameters(name), None)
+        st::save(&dir.join("adapter_model.safetensors"), &tensors, None)
     }
 
     /// Loads an adapter folder (PEFT's format, or temper's generic one for user adapters) as
@@ -228,6 +240,22 @@ pub trait AdapterHost: Module {
             adapted.push(module.to_string());
             Ok(())
         })?;
+        // The saved head of a sequence classifier (PEFT's modules_to_save) replaces the model's.
+        let head = format!("{PEFT_PREFIX}{SCORE_KEY}");
+        if unused.remove(&head) {
+            let mut found = false;
+            self.map_parameters(&mut |n, t| {
+                if n != SCORE_KEY {
+                    return Ok(t.clone());
+                }
+                found = true;
+                let loaded = files.load_as(&head, t.shape(), t.dtype())?.to_device(t.device())?;
+                Ok(if t.requires_grad_flag() { loaded.requires_grad() } else { loaded })
+            })?;
+            if !found {
+                return Err(Error::BadTensor { name: head, msg: format!("in {}: a sequence-classification head, but the model is not a sequence classifier", file.display()) });
+            }
+        }
         if let Some(k) = unused.iter().next() {
             return Err(Error::BadTensor {
                 name: k.clone(),

@@ -247,70 +247,63 @@ fn check_format(spec: &DatasetSpec, want: Format) -> Result<()> {
     Ok(())
 }
 
-/// Reads and tokenizes every preference pair of `spec` (format `preference`). A pair with a side
-/// longer than `sequence_len` is dropped or truncated per `opts.too_long` (keeping the start, as
-/// TRL's default); one left with an empty completion is named in the report.
-pub fn load_pairs(spec: &DatasetSpec, tok: &Tokenizer, opts: &TokenizeOptions) -> Result<(Vec<PreferencePair>, DataReport)> {
-    check_format(spec, Format::Preference)?;
+/// Reads every record of `spec`, takes what `extra` needs from it (fields beyond the texts, checked
+/// for every record), tokenizes its prompt and `completions`, applies the length policy, and builds
+/// what `build` makes of the sequences of each record kept.
+fn load_with<E, T>(
+    spec: &DatasetSpec,
+    tok: &Tokenizer,
+    opts: &TokenizeOptions,
+    completions: &[&str],
+    extra: impl Fn(&Record) -> Result<E>,
+    build: impl Fn(&Record, E, Vec<Sequence>) -> T,
+) -> Result<(Vec<T>, DataReport)> {
     let records = read_records(&spec.path)?;
     let template = template(tok, opts);
     let mut report = DataReport { read: records.len(), ..Default::default() };
     let mut out = Vec::with_capacity(records.len());
     for rec in &records {
-        let (prompt, outs) = sides(rec, &spec.fields, &["chosen", "rejected"])?;
+        let (prompt, outs) = sides(rec, &spec.fields, completions)?;
+        let e = extra(rec)?;
         let seqs = tokenize_sides(&prompt, &outs, tok, template.as_deref()).map_err(|e| at(e, &rec.source))?;
-        let mk = spec.fields.get("margin");
-        let margin = match rec.value.get(mk) {
-            None | Some(Value::Null) => 0.0,
-            Some(m) => m.as_f64().ok_or_else(|| err(rec, format!("field `{mk}` must be a number, found {}", kind(m))))?,
-        };
-        if let Some(mut s) = fit(seqs, opts, &mut report, &rec.source) {
-            let rejected = s.pop().expect("two sides");
-            let chosen = s.pop().expect("two sides");
-            out.push(PreferencePair { chosen, rejected, margin, source: rec.source.clone() });
+        if let Some(s) = fit(seqs, opts, &mut report, &rec.source) {
+            out.push(build(rec, e, s));
         }
     }
     report.kept = out.len();
     Ok((out, report))
+}
+
+/// Reads and tokenizes every preference pair of `spec` (format `preference`). A pair with a side
+/// longer than `sequence_len` is dropped or truncated per `opts.too_long` (keeping the start, as
+/// TRL's default); one left with an empty completion is named in the report.
+pub fn load_pairs(spec: &DatasetSpec, tok: &Tokenizer, opts: &TokenizeOptions) -> Result<(Vec<PreferencePair>, DataReport)> {
+    check_format(spec, Format::Preference)?;
+    let mk = spec.fields.get("margin");
+    let margin = |rec: &Record| match rec.value.get(mk) {
+        None | Some(Value::Null) => Ok(0.0),
+        Some(m) => m.as_f64().ok_or_else(|| err(rec, format!("field `{mk}` must be a number, found {}", kind(m)))),
+    };
+    load_with(spec, tok, opts, &["chosen", "rejected"], margin, |rec, margin, mut s| {
+        let rejected = s.pop().expect("two sides");
+        let chosen = s.pop().expect("two sides");
+        PreferencePair { chosen, rejected, margin, source: rec.source.clone() }
+    })
 }
 
 /// Reads and tokenizes every KTO item of `spec` (format `kto`): a prompt, a completion and the
 /// bool `label` (true = desirable).
 pub fn load_kto(spec: &DatasetSpec, tok: &Tokenizer, opts: &TokenizeOptions) -> Result<(Vec<KtoItem>, DataReport)> {
     check_format(spec, Format::Kto)?;
-    let records = read_records(&spec.path)?;
-    let template = template(tok, opts);
-    let mut report = DataReport { read: records.len(), ..Default::default() };
-    let mut out = Vec::with_capacity(records.len());
-    for rec in &records {
-        let (prompt, outs) = sides(rec, &spec.fields, &["completion"])?;
-        let lk = spec.fields.get("label");
-        let label = flag(rec, &rec.value, lk)?.ok_or_else(|| err(rec, format!("missing field `{lk}` (bool: is the completion desirable)")))?;
-        let seqs = tokenize_sides(&prompt, &outs, tok, template.as_deref()).map_err(|e| at(e, &rec.source))?;
-        if let Some(mut s) = fit(seqs, opts, &mut report, &rec.source) {
-            out.push(KtoItem { seq: s.pop().expect("one side"), label, source: rec.source.clone() });
-        }
-    }
-    report.kept = out.len();
-    Ok((out, report))
+    let lk = spec.fields.get("label");
+    let label = |rec: &Record| flag(rec, &rec.value, lk)?.ok_or_else(|| err(rec, format!("missing field `{lk}` (bool: is the completion desirable)")));
+    load_with(spec, tok, opts, &["completion"], label, |rec, label, mut s| KtoItem { seq: s.pop().expect("one side"), label, source: rec.source.clone() })
 }
 
 /// Completions to score (`temper reward`): `{"prompt", "completion"}` records in any of the
 /// shapes above, each with its `file:line`; a `label` field is allowed and ignored.
 pub fn load_completions(spec: &DatasetSpec, tok: &Tokenizer, opts: &TokenizeOptions) -> Result<(Vec<(String, Sequence)>, DataReport)> {
-    let records = read_records(&spec.path)?;
-    let template = template(tok, opts);
-    let mut report = DataReport { read: records.len(), ..Default::default() };
-    let mut out = Vec::with_capacity(records.len());
-    for rec in &records {
-        let (prompt, outs) = sides(rec, &spec.fields, &["completion"])?;
-        let seqs = tokenize_sides(&prompt, &outs, tok, template.as_deref()).map_err(|e| at(e, &rec.source))?;
-        if let Some(mut s) = fit(seqs, opts, &mut report, &rec.source) {
-            out.push((rec.source.clone(), s.pop().expect("one side")));
-        }
-    }
-    report.kept = out.len();
-    Ok((out, report))
+    load_with(spec, tok, opts, &["completion"], |_| Ok(()), |rec, (), mut s| (rec.source.clone(), s.pop().expect("one side")))
 }
 
 /// Whether the first record of `path` is a preference pair (has `chosen` and `rejected`).

@@ -16,8 +16,16 @@
 //! ce_on_chosen      −Σ logπ(y_c) / Σ n_c   (TRL's loss_type "sft")
 //! ```
 //!
-//! each averaged over the pairs. Terms compose with the DSL: `dpo(0.1) + 0.2 * ce_on_chosen()`.
-//! Reference log-probs are asked for lazily, so the reference-free losses never run a reference forward.
+//! each averaged over the pairs. Terms compose with the DSL; reference log-probs are asked for
+//! lazily, so the reference-free losses never run a reference forward.
+//!
+//! ```
+//! use temper_runtime::loss::{ce_on_chosen, dpo, ipo, CeOnChosen, Dpo, Loss, Scaled, Sum};
+//! // TRL's loss_type = ["sigmoid", "sft"], loss_weights = [1, 0.2] (RPO), with static types:
+//! let loss = dpo(0.1) + 0.2 * ce_on_chosen();
+//! let _: Loss<Sum<Dpo, Scaled<CeOnChosen>>> = loss;
+//! let _mix = 0.8 * dpo(0.1) + 0.2 * ipo(0.1).label_smoothing(0.0);
+//! ```
 
 use super::{Loss, Term, TermLog};
 use crate::error::{Error, Result};
@@ -38,8 +46,9 @@ pub struct PairCx<'a> {
     pub rejected_tokens: Vec<usize>,
     reference: Box<ReferenceFn<'a>>,
     cached: OnceCell<(Tensor, Tensor)>,
-    /// Σ log π over each whole chosen sequence, prompt included, and its scored tokens (ORPO's NLL).
-    whole_chosen: Option<(Tensor, Vec<usize>)>,
+    /// Σ log π over each whole chosen sequence, prompt included (computed on first use), and its
+    /// scored tokens: ORPO's NLL.
+    whole_chosen: Option<(Box<dyn Fn() -> Result<Tensor> + 'a>, Vec<usize>)>,
 }
 
 impl<'a> PairCx<'a> {
@@ -48,8 +57,9 @@ impl<'a> PairCx<'a> {
         PairCx { chosen_logps, rejected_logps, chosen_tokens, rejected_tokens, reference, cached: OnceCell::new(), whole_chosen: None }
     }
 
-    /// Adds the log-probs of the whole chosen sequences (prompt included) and their scored tokens.
-    pub fn with_whole_chosen(mut self, logps: Tensor, tokens: Vec<usize>) -> Self {
+    /// Adds the log-probs of the whole chosen sequences (prompt included), computed when a term
+    /// asks, and their scored tokens.
+    pub fn with_whole_chosen(mut self, logps: Box<dyn Fn() -> Result<Tensor> + 'a>, tokens: Vec<usize>) -> Self {
         self.whole_chosen = Some((logps, tokens));
         self
     }
@@ -324,7 +334,7 @@ impl Term<PairCx<'_>> for Orpo {
         // TRL's ORPO trains the NLL on the whole chosen sequence, prompt included.
         let (whole, n) = cx.whole_chosen.as_ref().ok_or_else(|| Error::Input("orpo needs the log-probs of the whole chosen sequences".into()))?;
         let n: usize = n.iter().sum();
-        let nll = ops::scale(&ops::sum(whole)?, -1.0 / n.max(1) as f64)?;
+        let nll = ops::scale(&ops::sum(&whole()?)?, -1.0 / n.max(1) as f64)?;
         let loss = ops::sub(&nll, &ops::scale(&ratio, self.lambda)?)?;
         log.push(("loss/orpo", loss.to_scalar()?));
         let rc: Vec<f64> = ca.to_f64_vec()?.iter().map(|x| self.lambda * x).collect();
@@ -373,5 +383,90 @@ impl Term<PairCx<'_>> for PairTerm {
             PairTerm::Orpo(t) => t.eval(cx, log),
             PairTerm::CeOnChosen => CeOnChosen.eval(cx, log),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::autograd::gradcheck::{max_gradient_error, test_values};
+    use crate::loss::{bradley_terry, kto, KtoCx, KtoReference, RewardCx};
+    use crate::Device;
+
+    const REF_C: [f64; 4] = [-3.0, -5.5, -2.25, -7.0];
+    const REF_R: [f64; 4] = [-4.0, -3.5, -6.0, -2.5];
+
+    fn logps(seed: u64) -> Vec<f64> {
+        test_values(4, seed).iter().map(|v| -4.0 + 3.0 * v).collect()
+    }
+
+    /// d loss / d (chosen, rejected logps) of `term` matches finite differences in f64.
+    fn check<T: for<'a> Term<PairCx<'a>>>(term: T, name: &str) {
+        let err = max_gradient_error(
+            |t| {
+                // Through an op first, so the term sees non-leaf inputs as in training.
+                let (c, r) = (ops::scale(&t[0], 1.0)?, ops::scale(&t[1], 1.0)?);
+                let c2 = c.clone();
+                let cx = PairCx::new(c.clone(), r, vec![3, 5, 2, 4], vec![4, 2, 6, 1], Box::new(|| Ok((REF_C.to_vec(), REF_R.to_vec())))).with_whole_chosen(Box::new(move || ops::scale(&c2, 1.5)), vec![9, 11, 8, 10]);
+                term.eval(&cx, &mut TermLog::new())
+            },
+            &[(logps(1), vec![4]), (logps(2), vec![4])],
+            1e-6,
+        )
+        .unwrap();
+        assert!(err < 1e-7, "{name}: max error {err}");
+    }
+
+    #[test]
+    fn pair_losses_match_finite_differences() {
+        for kind in [DpoLoss::Sigmoid, DpoLoss::Robust, DpoLoss::Hinge, DpoLoss::Ipo, DpoLoss::SigmoidNorm, DpoLoss::ApoZero] {
+            check(dpo_loss(kind, 0.3).label_smoothing(if kind == DpoLoss::Robust { 0.2 } else { 0.0 }), kind.name());
+        }
+        check(dpo(0.1).label_smoothing(0.15), "cdpo");
+        check(simpo(2.0, 0.5), "simpo");
+        check(orpo(0.1), "orpo");
+        check(dpo(0.1) + 0.3 * ce_on_chosen(), "rpo");
+    }
+
+    /// cDPO (TRL 1.16 dropped it): −(1−ε) log σ(βΔ) − ε log σ(−βΔ), the formula of the cDPO note
+    /// and of TRL ≤ 0.x's `sigmoid` with label smoothing.
+    #[test]
+    fn conservative_dpo_is_the_smoothed_logistic_loss() {
+        let (c, r) = (logps(3), logps(4));
+        let cx = PairCx::new(Tensor::from_vec(c.clone(), &[4], Device::Cpu).unwrap(), Tensor::from_vec(r.clone(), &[4], Device::Cpu).unwrap(), vec![1; 4], vec![1; 4], Box::new(|| Ok((REF_C.to_vec(), REF_R.to_vec()))));
+        let (b, eps) = (0.2, 0.1);
+        let got = dpo(b).label_smoothing(eps).eval(&cx, &mut TermLog::new()).unwrap().to_scalar().unwrap();
+        let ls = |x: f64| -(1.0 + (-x).exp()).ln();
+        let want = (0..4).map(|i| {
+            let d = (c[i] - REF_C[i]) - (r[i] - REF_R[i]);
+            -(1.0 - eps) * ls(b * d) - eps * ls(-b * d)
+        }).sum::<f64>() / 4.0;
+        assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+    }
+
+    #[test]
+    fn kto_and_bradley_terry_match_finite_differences() {
+        let err = max_gradient_error(
+            |t| {
+                let x = ops::scale(&t[0], 1.0)?;
+                let r = KtoReference { ref_logps: REF_C.to_vec(), ref_kl_logps: REF_R.to_vec(), policy_kl_logps: vec![-3.0, -3.0, -5.0, -2.0] };
+                let cx = KtoCx::new(x, vec![true, false, true, false], Box::new(move || Ok(r.clone())));
+                kto(0.5).weights(1.0, 1.3).eval(&cx, &mut TermLog::new())
+            },
+            &[(logps(5), vec![4])],
+            1e-6,
+        )
+        .unwrap();
+        assert!(err < 1e-7, "kto: {err}");
+        let err = max_gradient_error(
+            |t| {
+                let cx = RewardCx { chosen: ops::scale(&t[0], 1.0)?, rejected: ops::scale(&t[1], 1.0)?, margins: vec![0.5, 0.0, -0.25, 1.0] };
+                bradley_terry().center_rewards(0.05).eval(&cx, &mut TermLog::new())
+            },
+            &[(test_values(4, 6), vec![4]), (test_values(4, 7), vec![4])],
+            1e-6,
+        )
+        .unwrap();
+        assert!(err < 1e-7, "bradley_terry: {err}");
     }
 }

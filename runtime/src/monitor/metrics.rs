@@ -58,7 +58,13 @@ pub(crate) struct History {
     pub(crate) train_loss: Vec<(u64, f64)>,
     pub(crate) lr: Vec<(u64, f64)>,
     pub(crate) eval_loss: Vec<(u64, f64)>,
+    /// Preference and reward-model metrics (train and `eval_` keys of [`REWARD_KEYS`]), for `rewards.png`.
+    pub(crate) rewards: std::collections::BTreeMap<String, Vec<(u64, f64)>>,
 }
+
+/// The metrics `rewards.png` plots: implicit-reward margins and accuracies of preference runs
+/// (TRL's names), a reward model's margin and accuracy.
+pub(crate) const REWARD_KEYS: [&str; 4] = ["rewards/margins", "rewards/accuracies", "margin", "accuracy"];
 
 impl History {
     pub(crate) fn record(&mut self, step: u64, key: &str, v: Option<f64>) {
@@ -67,6 +73,7 @@ impl History {
             "loss" => self.train_loss.push((step, v)),
             "lr" => self.lr.push((step, v)),
             "eval_loss" => self.eval_loss.push((step, v)),
+            k if REWARD_KEYS.contains(&k.strip_prefix("eval_").unwrap_or(k)) => self.rewards.entry(k.to_string()).or_default().push((step, v)),
             _ => {}
         }
     }

@@ -198,7 +198,9 @@ impl Monitor {
         self.metrics.append(&metrics::row_json(step, &row))?;
         let tb: Vec<(String, f64)> = fields.iter().map(|(k, v)| (format!("eval/{k}"), *v)).collect();
         self.events.write_event(&tfevents::scalars_event(wall_time(), step, &tb))?;
-        self.history.record(step, "eval_loss", Some(loss));
+        for (k, v) in &fields {
+            self.history.record(step, &format!("eval_{k}"), Some(*v));
+        }
         let line = format!("eval step {step}/{} loss {} ppl {}", self.total_steps, fmt_value(loss), fmt_value(ppl));
         self.print(&line);
         Ok(())
@@ -213,7 +215,9 @@ impl Monitor {
     }
 
     /// Puts the logs on disk, writes `loss.png` (loss and learning rate over step, including
-    /// the rows kept from before a resume) and closes the progress bar. Returns the PNG's path.
+    /// the rows kept from before a resume) and, for preference and reward-model runs,
+    /// `rewards.png` (reward margin and accuracy, train and eval), and closes the progress bar.
+    /// Returns the path of `loss.png`.
     pub fn finish(&mut self) -> Result<PathBuf> {
         self.metrics.sync()?;
         self.events.sync()?;
@@ -224,6 +228,10 @@ impl Monitor {
         let canvas = plot::render(&self.history.train_loss, &self.history.eval_loss, &self.history.lr);
         let png = self.dir.join("loss.png");
         plot::write_png(&canvas, &png)?;
+        if !self.history.rewards.is_empty() {
+            self.history.rewards.values_mut().for_each(sort);
+            plot::write_png(&plot::render_rewards(&self.history.rewards), &self.dir.join("rewards.png"))?;
+        }
         if let Display::Bar(bar) = &self.display {
             bar.finish();
         }

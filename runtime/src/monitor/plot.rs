@@ -268,6 +268,45 @@ pub(crate) fn render(train_loss: &[(u64, f64)], eval_loss: &[(u64, f64)], lr: &[
     c
 }
 
+/// `rewards.png`: the reward margin (chosen − rejected) and the accuracy (share of pairs whose
+/// chosen reply scores higher) over step, train and eval, from TRL's `rewards/margins` and
+/// `rewards/accuracies` (preference runs) or `margin` and `accuracy` (reward models).
+pub(crate) fn render_rewards(series: &std::collections::BTreeMap<String, Vec<(u64, f64)>>) -> Canvas {
+    let mut c = Canvas::new(WIDTH, HEIGHT);
+    let get = |a: &str, b: &str| series.get(a).or_else(|| series.get(b)).map(Vec::as_slice).unwrap_or(&[]);
+    let panels = [
+        ("reward margin (chosen - rejected)", get("rewards/margins", "margin"), get("eval_rewards/margins", "eval_margin")),
+        ("accuracy (chosen ranked first)", get("rewards/accuracies", "accuracy"), get("eval_rewards/accuracies", "eval_accuracy")),
+    ];
+    let all = series.values().flatten().map(|p| p.0 as f64);
+    let (mut s0, mut s1) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), s| (a.min(s), b.max(s)));
+    if s0 > s1 {
+        (s0, s1) = (0.0, 1.0);
+    } else if s0 == s1 {
+        (s0, s1) = ((s0 - 1.0).max(0.0), s1 + 1.0);
+    }
+    let (left, right) = (110, WIDTH as i64 - 30);
+    for (i, (title, train, eval)) in panels.iter().enumerate() {
+        let (y0, y1) = if i == 0 { (50, 330) } else { (410, 650) };
+        let range = if i == 1 { Some((0.0, 1.05)) } else { value_range(train.iter().chain(eval.iter()).map(|p| p.1), true) };
+        let p = Panel { x0: left, y0, x1: right, y1, steps: (s0, s1), values: range.unwrap_or((0.0, 1.0)) };
+        p.frame(&mut c, title);
+        p.series(&mut c, train, TRAIN, false);
+        p.series(&mut c, eval, EVAL, true);
+    }
+    let ly = 50 - (GLYPH_H * TEXT_SCALE) as i64 - 10;
+    let mid = ly + (GLYPH_H * TEXT_SCALE) as i64 / 2;
+    let x = right - Canvas::text_width("train") - Canvas::text_width("eval") - 110;
+    c.line((x, mid), (x + 24, mid), 3, TRAIN);
+    c.text(x + 32, ly, "train", BLACK);
+    let x = x + 32 + Canvas::text_width("train") + 20;
+    c.line((x, mid), (x + 24, mid), 3, EVAL);
+    c.rect(x + 9, mid - 3, x + 15, mid + 3, EVAL);
+    c.text(x + 32, ly, "eval", BLACK);
+    c.text((left + right) / 2 - Canvas::text_width("step") / 2, 690, "step", BLACK);
+    c
+}
+
 /// Encodes the canvas as an RGB8 PNG at `path`, written beside it first and renamed into
 /// place so an error never leaves a half-written image under the final name.
 pub(crate) fn write_png(canvas: &Canvas, path: &Path) -> Result<()> {

@@ -109,6 +109,9 @@ pub fn load<A: AdapterFormat, O: Optimizer>(dir: &Path, model: &mut Llama<A>, ad
             return Ok(());
         }
         let key = match role {
+            // A base parameter trained beside an adapter (a reward model's score head) is saved
+            // in the adapter file under PEFT's prefix (modules_to_save).
+            ParamRole::Base if adapter.is_some() => format!("{}{name}", crate::adapters::host::PEFT_PREFIX),
             ParamRole::Base => name.to_string(),
             ParamRole::Adapter { adapter: a, module, key } if Some(a) == adapter => peft_key(module, key),
             ParamRole::Adapter { .. } | ParamRole::Quantized { .. } => return Ok(()),

@@ -72,8 +72,10 @@ pub struct Trainer<A: Adapter, L, O: Optimizer> {
 
 impl<A: Adapter, L, O: Optimizer> Trainer<A, L, O> {
     /// Builds the optimizer over the model's trainable parameters (with their learning-rate
-    /// multipliers, e.g. LoRA+) and puts the model in training mode.
-    pub fn new<C: OptimizerConfig<Optimizer = O>>(mut model: Llama<A>, loss: L, optimizer: C) -> Trainer<A, L, O> {
+    /// multipliers, e.g. LoRA+) and puts the model in training mode. The public constructors
+    /// ([`Trainer::new`], [`Trainer::preference`], [`Trainer::kto`], [`Trainer::reward_model`])
+    /// say what the loss is computed from, so a loss that cannot be is a compile error there.
+    pub(crate) fn build<C: OptimizerConfig<Optimizer = O>>(mut model: Llama<A>, loss: L, optimizer: C) -> Trainer<A, L, O> {
         let params = model.trainable_with_lr_scale().into_iter().map(|(_, t, s)| (t, s)).collect();
         model.training = true;
         Trainer { model, loss, optimizer: optimizer.build(params), reference: preference::Reference::AdapterOff, step: 0 }
@@ -194,6 +196,13 @@ impl<A: Adapter, L, O: Optimizer> Trainer<A, L, O>
 where
     L: for<'a> Term<StepCx<'a, A>>,
 {
+    /// A language-model trainer (SFT and losses over its logits): the optimizer over the model's
+    /// trainable parameters (with their learning-rate multipliers, e.g. LoRA+), the model in
+    /// training mode.
+    pub fn new<C: OptimizerConfig<Optimizer = O>>(model: Llama<A>, loss: L, optimizer: C) -> Trainer<A, L, O> {
+        Self::build(model, loss, optimizer)
+    }
+
     /// Forward, loss, backward, update on one batch at the optimizer's current learning rate.
     pub fn step(&mut self, batch: &Batch) -> Result<StepLog> {
         self.step_accumulated(std::slice::from_ref(batch), None, None)

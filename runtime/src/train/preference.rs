@@ -10,10 +10,10 @@ use super::{merge_terms, Batch, StepLog, Trainer};
 use crate::adapters::{Adapter, AdapterHost};
 use crate::data::preference::{seq_batch, KtoItem, PreferencePair, SeqBatch, Sequence};
 use crate::error::{Error, Result};
-use crate::loss::{causal_lm_token_logprobs, KtoCx, KtoReference, PairCx, RewardCx, Term, TermLog};
+use crate::loss::{KtoCx, KtoReference, PairCx, RewardCx, Term, TermLog};
 use crate::models::{Llama, Mode};
 use crate::ops;
-use crate::optim::Optimizer;
+use crate::optim::{Optimizer, OptimizerConfig};
 use crate::tensor::Tensor;
 use std::sync::Arc;
 
@@ -72,35 +72,47 @@ pub fn pair_batches(pairs: &[PreferencePair], micro_batch_size: usize, pad_id: u
         .collect()
 }
 
-/// Σ log π over each sequence's completion `[sequences]`, in the order of `sb.spans`: the fused
-/// per-token log-probs, summed per sequence (a product with a 0/1 span matrix, so the gradient
-/// reaches every token).
+/// Σ log π over each sequence's completion `[sequences]`, in the order of `sb.spans`.
 pub fn sequence_logps<A: Adapter>(model: &Llama<A>, sb: &SeqBatch, mode: Mode) -> Result<Tensor> {
-    Ok(sequence_logps_with_prompt(model, sb, mode, false)?.0)
-}
-
-/// [`sequence_logps`] and, when `whole`, also Σ log π over each whole sequence (prompt included:
-/// ORPO's NLL term) from the same forward.
-pub fn sequence_logps_with_prompt<A: Adapter>(model: &Llama<A>, sb: &SeqBatch, mode: Mode, whole: bool) -> Result<(Tensor, Option<Tensor>)> {
     let hidden = model.hidden_states_mode(&sb.input, mode)?;
-    let lp = causal_lm_token_logprobs(&hidden, model.lm_head_weight(), &sb.labels)?;
-    Ok((span_sums(&lp, sb, false)?, if whole { Some(span_sums(&lp, sb, true)?) } else { None }))
+    span_logps(model, &hidden, sb, |s| s.prompt.max(1)..s.len, sb.spans.len())
 }
 
-/// Per-sequence sums of `[rows, seq]` values over each span's completion (or all of it, `whole`).
-fn span_sums(x: &Tensor, sb: &SeqBatch, whole: bool) -> Result<Tensor> {
-    let (rows, t) = (x.shape()[0], x.shape()[1]);
-    let n = sb.spans.len();
-    let mut ind = vec![0f32; n * rows * t];
-    // The value at position p scores token p + 1, so token k of a span is read at start + k − 1;
-    // the first token of a sequence is never scored.
-    for (i, s) in sb.spans.iter().enumerate() {
-        let first = if whole { 1 } else { s.prompt.max(1) };
-        let base = i * rows * t + s.row * t + s.start;
-        ind[base + first - 1..base + s.len - 1].iter_mut().for_each(|v| *v = 1.0);
+/// Σ log π of tokens `range(span)` (token indices within each sequence; the first token is never
+/// scored) of the first `n` sequences of `sb`, from the final hidden states `[rows, seq, hidden]`.
+///
+/// Only the scored positions go through the output projection: their hidden rows are gathered
+/// (the prompt's are not projected onto the vocabulary at all), the fused per-token log-probs
+/// computed, and each sequence's summed by a product with a 0/1 matrix, so the gradient reaches
+/// every scored token.
+fn span_logps<A: Adapter>(model: &Llama<A>, hidden: &Tensor, sb: &SeqBatch, range: impl Fn(&crate::data::preference::Span) -> std::ops::Range<usize>, n: usize) -> Result<Tensor> {
+    let (rows, t, d) = (hidden.shape()[0], hidden.shape()[1], hidden.shape()[2]);
+    let ids = sb.input.input_ids.to_vec::<i64>()?;
+    // The logits at position p score token p + 1: token k of a span is read at start + k − 1.
+    let (mut pos, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, s) in sb.spans[..n].iter().enumerate() {
+        let r = range(s);
+        for k in r.start.max(1)..r.end.min(s.len) {
+            let p = s.row * t + s.start + k - 1;
+            pos.push(p as u32);
+            targets.push(ids[p + 1]);
+            owner.push(i);
+        }
     }
-    let ind = Tensor::from_vec(ind, &[n, rows * t], crate::Device::Cpu)?.to_dtype(x.dtype())?.to_device(x.device())?;
-    let y = ops::linear(&ind, &ops::reshape(x, &[1, rows * t])?, None)?;
+    let m = pos.len();
+    if m == 0 {
+        return Err(Error::Input("no scored token in the batch (every completion is empty)".into()));
+    }
+    let flat = ops::reshape(hidden, &[rows * t, d])?;
+    let picked = ops::embedding(&flat, &Tensor::from_vec(pos, &[m], crate::Device::Cpu)?.to_device(hidden.device())?)?;
+    // Targets stay on the host: the op checks and uploads them once.
+    let lp = ops::linear_token_logprobs(&picked, model.lm_head_weight(), &Tensor::from_vec(targets, &[m], crate::Device::Cpu)?)?;
+    let mut ind = vec![0f32; n * m];
+    for (j, &i) in owner.iter().enumerate() {
+        ind[i * m + j] = 1.0;
+    }
+    let ind = Tensor::from_vec(ind, &[n, m], crate::Device::Cpu)?.to_dtype(lp.dtype())?.to_device(lp.device())?;
+    let y = ops::linear(&ind, &ops::reshape(&lp, &[1, m])?, None)?;
     ops::reshape(&y, &[n])
 }
 
@@ -164,21 +176,31 @@ impl<A: Adapter, L, O: Optimizer> Trainer<A, L, O>
 where
     L: for<'a> Term<PairCx<'a>>,
 {
+    /// A preference trainer: `loss` is computed from pairs (DPO family, SimPO, ORPO, …). The
+    /// reference is the model with its adapters off unless [`Trainer::with_reference`] says otherwise.
+    pub fn preference<C: OptimizerConfig<Optimizer = O>>(model: Llama<A>, loss: L, optimizer: C) -> Self {
+        Self::build(model, loss, optimizer)
+    }
+
     /// The pair loss of one batch and its logged values.
     pub fn pair_loss(&self, b: &PairBatch, log: &mut TermLog) -> Result<Tensor> {
-        let (logps, whole) = sequence_logps_with_prompt(&self.model, &b.seqs, Mode { adapters: true, training: self.model.training }, true)?;
+        let hidden = self.model.hidden_states_mode(&b.seqs.input, Mode { adapters: true, training: self.model.training })?;
+        let all = b.seqs.spans.len();
+        let logps = span_logps(&self.model, &hidden, &b.seqs, |s| s.prompt.max(1)..s.len, all)?;
         let n = b.pairs();
         let chosen = ops::narrow(&logps, 0, 0, n)?;
         let rejected = ops::narrow(&logps, 0, n, n)?;
-        let chosen_whole = ops::narrow(&whole.expect("asked for"), 0, 0, n)?;
-        let whole_tokens: Vec<usize> = b.seqs.spans[..n].iter().map(|s| s.len - 1).collect();
         let reference = move || -> Result<(Vec<f64>, Vec<f64>)> {
             match &b.ref_logps {
                 Some(r) => Ok(r.clone()),
                 None => Ok(split(reference_logps(&self.model, &self.reference, &b.seqs)?, n)),
             }
         };
-        let cx = PairCx::new(chosen, rejected, b.chosen_tokens.clone(), b.rejected_tokens.clone(), Box::new(reference)).with_whole_chosen(chosen_whole, whole_tokens);
+        // ORPO's NLL covers the chosen prompts too: their tokens are projected only if it asks.
+        let chosen_c = chosen.clone();
+        let whole = move || -> Result<Tensor> { ops::add(&chosen_c, &span_logps(&self.model, &hidden, &b.seqs, |s| 1..s.prompt.max(1), n)?) };
+        let whole_tokens: Vec<usize> = b.seqs.spans[..n].iter().map(|s| s.len - 1).collect();
+        let cx = PairCx::new(chosen, rejected, b.chosen_tokens.clone(), b.rejected_tokens.clone(), Box::new(reference)).with_whole_chosen(Box::new(whole), whole_tokens);
         self.loss.eval(&cx, log)
     }
 
@@ -250,6 +272,11 @@ impl<A: Adapter, L, O: Optimizer> Trainer<A, L, O>
 where
     L: for<'a> Term<KtoCx<'a>>,
 {
+    /// A KTO trainer: `loss` is computed from unpaired, labelled completions.
+    pub fn kto<C: OptimizerConfig<Optimizer = O>>(model: Llama<A>, loss: L, optimizer: C) -> Self {
+        Self::build(model, loss, optimizer)
+    }
+
     /// The KTO loss of one batch and its logged values.
     pub fn kto_loss(&self, b: &KtoBatch, log: &mut TermLog) -> Result<Tensor> {
         let mode = Mode { adapters: true, training: self.model.training };
@@ -302,6 +329,12 @@ impl<A: Adapter, L, O: Optimizer> Trainer<A, L, O>
 where
     L: Term<RewardCx>,
 {
+    /// A reward-model trainer: `loss` is computed from the scores of pairs; the model needs a
+    /// score head ([`Llama::into_sequence_classifier`]).
+    pub fn reward_model<C: OptimizerConfig<Optimizer = O>>(model: Llama<A>, loss: L, optimizer: C) -> Self {
+        Self::build(model, loss, optimizer)
+    }
+
     /// The reward-model loss of one batch and its logged values.
     pub fn reward_loss(&self, b: &PairBatch, log: &mut TermLog) -> Result<Tensor> {
         let r = sequence_rewards(&self.model, &b.seqs, Mode { adapters: true, training: self.model.training })?;
