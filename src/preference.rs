@@ -6,14 +6,14 @@ use crate::sft::{chat_template, dataset_spec, place, prepare, with_adapter, Prep
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use temper_runtime::adapters::{Adapter, AdapterFormat};
-use temper_runtime::data::preference::{load_kto, load_pairs, KtoItem, PreferencePair};
+use temper_runtime::data::preference::{load_kto, load_pairs, KtoItem, PreferencePair, Sequence};
 use temper_runtime::data::{self, TokenizeOptions};
 use temper_runtime::loss::{bradley_terry, kto, Dpo, DpoLoss, Orpo, PairTerm, Simpo, Weighted};
 use temper_runtime::models::Llama;
 use temper_runtime::monitor::Progress;
 use temper_runtime::optim::AdamW;
 use temper_runtime::tokenizer::Tokenizer;
-use temper_runtime::train::preference::{kto_batches, pair_batches, precompute_pair_reference, KtoBatch, PairBatch, Reference, RewardBatch, Steps};
+use temper_runtime::train::preference::{kl_sequences, kto_batches, pair_batches, precompute_kto_reference, precompute_pair_reference, KtoBatch, PairBatch, Reference, RewardBatch, Steps};
 use temper_runtime::train::sft::{self, Samples, SftSummary};
 use temper_runtime::train::Trainer;
 use temper_runtime::{Error, ModuleExt, Result};
@@ -187,7 +187,15 @@ impl WithModel for PrefRun<'_> {
                 let mut eval_b = pair_batches(eval, mbs, pad, true)?;
                 let refs = if precompute {
                     precompute_pair_reference(&model, &mut eval_b)?;
-                    Some(pair_reference_cache(cfg, &model, train, pad)?)
+                    let sources: Vec<&str> = train.iter().map(|p| p.source.as_str()).collect();
+                    Some(reference_cache(cfg, "pairs", &sources, || {
+                        let mut b = pair_batches(train, mbs, pad, true)?;
+                        precompute_pair_reference(&model, &mut b)?;
+                        Ok(b.into_iter().flat_map(|b| {
+                            let (c, r) = b.ref_logps.unwrap_or_default();
+                            c.into_iter().zip(r)
+                        }).collect())
+                    })?)
                 } else {
                     None
                 };
@@ -217,19 +225,38 @@ impl WithModel for PrefRun<'_> {
                 }
             }
             (Data::Kto(train), Data::Kto(eval)) => {
-                if precompute {
-                    return Err(Error::Config {
-                        path: self.cfg_path.into(),
-                        key: "precompute_ref_log_probs".into(),
-                        msg: "is not supported with rl = \"kto\" yet (its KL sequences change with the batch): use an adapter (the reference is then the base with it off) or a frozen copy (leave it false)".into(),
-                    });
-                }
-                let eval_b = kto_batches(eval, mbs, pad, true)?;
+                // Each item's mismatched completion is fixed for the run (TRL's rotation within
+                // groups of a micro-batch, in dataset order), so its reference can be precomputed.
+                let (train_kl, eval_kl) = (kl_sequences(train, mbs), kl_sequences(eval, mbs));
+                let mut eval_b = kto_batches(eval, &eval_kl, mbs, pad, true)?;
+                let refs = if precompute {
+                    precompute_kto_reference(&model, &mut eval_b)?;
+                    let sources: Vec<&str> = train.iter().map(|p| p.source.as_str()).collect();
+                    Some(reference_cache(cfg, "kto", &sources, || {
+                        let mut b = kto_batches(train, &train_kl, mbs, pad, true)?;
+                        precompute_kto_reference(&model, &mut b)?;
+                        Ok(b.into_iter().flat_map(|b| {
+                            let (c, r) = b.ref_logps.unwrap_or_default();
+                            c.into_iter().zip(r)
+                        }).collect())
+                    })?)
+                } else {
+                    None
+                };
                 let loss = kto(beta).weights(cfg.desirable_weight, cfg.undesirable_weight);
                 let trainer = Trainer::kto(model, loss, optimizer).with_reference(self.reference.clone());
                 let epoch = |e: u64| -> Result<Vec<KtoBatch>> {
-                    let items: Vec<KtoItem> = shuffled(train.len(), cfg.seed, e).iter().map(|&i| train[i].clone()).collect();
-                    kto_batches(&items, mbs, pad, true)
+                    let idx = shuffled(train.len(), cfg.seed, e);
+                    let items: Vec<KtoItem> = idx.iter().map(|&i| train[i].clone()).collect();
+                    let kl: Vec<Sequence> = idx.iter().map(|&i| train_kl[i].clone()).collect();
+                    let mut b = kto_batches(&items, &kl, mbs, pad, true)?;
+                    if let Some(r) = &refs {
+                        for (k, batch) in b.iter_mut().enumerate() {
+                            let ids = &idx[k * mbs..(k * mbs + batch.labels.len())];
+                            batch.ref_logps = Some((ids.iter().map(|&i| r[i].0).collect(), ids.iter().map(|&i| r[i].1).collect()));
+                        }
+                    }
+                    Ok(b)
                 };
                 Ok(self.fit(trainer, &epoch, &eval_b, adapter, train.len(), eval.len())?.0)
             }
@@ -243,38 +270,34 @@ fn shuffled(n: usize, seed: u64, e: u64) -> Vec<usize> {
     data::shuffle_split((0..n).collect::<Vec<usize>>(), seed.wrapping_add(e.wrapping_mul(0x9E37_79B9)), 0.0).0
 }
 
-/// The reference logps of every training pair, computed once with the initial model (adapters
-/// off) and cached in `output_dir/reference_logps.json` (reused when its pair sources match).
-fn pair_reference_cache<A: Adapter>(cfg: &TrainConfig, model: &Llama<A>, train: &[PreferencePair], pad: u32) -> Result<Vec<(f64, f64)>> {
+/// Reference logps per training record (chosen and rejected of a pair; a KTO item and its KL
+/// sequence), computed once by `compute` with the initial model and cached in
+/// `output_dir/reference_logps.json`, reused when its kind and record sources match.
+fn reference_cache(cfg: &TrainConfig, kind: &str, sources: &[&str], compute: impl FnOnce() -> Result<Vec<(f64, f64)>>) -> Result<Vec<(f64, f64)>> {
     let path = cfg.output_dir.join("reference_logps.json");
-    let sources: Vec<&str> = train.iter().map(|p| p.source.as_str()).collect();
     if let Ok(text) = std::fs::read_to_string(&path) {
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-            let same = v["sources"].as_array().is_some_and(|s| s.iter().map(|x| x.as_str().unwrap_or("")).eq(sources.iter().copied()));
-            if same {
-                let get = |k: &str| v[k].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect::<Vec<f64>>());
-                if let (Some(c), Some(r)) = (get("chosen"), get("rejected")) {
-                    if c.len() == train.len() && r.len() == train.len() {
-                        eprintln!("reference log-probs: reusing {}", path.display());
-                        return Ok(c.into_iter().zip(r).collect());
-                    }
+            let same = v["kind"] == kind && v["sources"].as_array().is_some_and(|s| s.iter().map(|x| x.as_str().unwrap_or("")).eq(sources.iter().copied()));
+            let get = |k: &str| v[k].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect::<Vec<f64>>());
+            if let (true, Some(a), Some(b)) = (same, get("first"), get("second")) {
+                if a.len() == sources.len() && b.len() == sources.len() {
+                    eprintln!("reference log-probs: reusing {}", path.display());
+                    return Ok(a.into_iter().zip(b).collect());
                 }
             }
         }
     }
-    eprintln!("reference log-probs: computing them once for {} pairs", train.len());
-    let mut batches = pair_batches(train, cfg.micro_batch_size.max(1), pad, true)?;
-    precompute_pair_reference(model, &mut batches)?;
-    let mut out = Vec::with_capacity(train.len());
-    for b in &batches {
-        let (c, r) = b.ref_logps.clone().unwrap_or_default();
-        out.extend(c.into_iter().zip(r));
+    eprintln!("reference log-probs: computing them once for {} records", sources.len());
+    let out = compute()?;
+    if out.len() != sources.len() {
+        return Err(Error::Input(format!("reference log-probs: {} values for {} records", out.len(), sources.len())));
     }
     std::fs::create_dir_all(&cfg.output_dir).map_err(|e| Error::io(&cfg.output_dir, e))?;
     let json = serde_json::json!({
+        "kind": kind,
         "sources": sources,
-        "chosen": out.iter().map(|p| p.0).collect::<Vec<f64>>(),
-        "rejected": out.iter().map(|p| p.1).collect::<Vec<f64>>(),
+        "first": out.iter().map(|p| p.0).collect::<Vec<f64>>(),
+        "second": out.iter().map(|p| p.1).collect::<Vec<f64>>(),
     });
     temper_runtime::formats::safetensors::write_atomic(&path, json.to_string().as_bytes())?;
     Ok(out)

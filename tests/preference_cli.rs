@@ -127,8 +127,18 @@ fn ipo_hinge_mix_orpo_simpo_and_kto_train_and_log_their_terms() {
         assert!(first["rewards/accuracies"].as_f64().is_some(), "{head}: {first:?}");
     }
     let dir = scratch_dir("pref-kto");
-    let cfg = write_config(&dir, &write_kto(&dir, 40), "kto", "rl = \"kto\"\ndesirable_weight = 1.0\nundesirable_weight = 1.2", LORA);
+    let kto_data = write_kto(&dir, 40);
+    let cfg = write_config(&dir, &kto_data, "kto", "rl = \"kto\"\ndesirable_weight = 1.0\nundesirable_weight = 1.2", LORA);
     let (rows, _) = train(&dir, &cfg);
+    // Precomputed reference log-probs give the same run.
+    let dir2 = scratch_dir("pref-kto-pre");
+    let cfg2 = write_config(&dir2, &kto_data, "kto", "rl = \"kto\"\ndesirable_weight = 1.0\nundesirable_weight = 1.2\nprecompute_ref_log_probs = true", LORA);
+    let (rows2, _) = train(&dir2, &cfg2);
+    assert!(dir2.join("out/reference_logps.json").exists());
+    let losses = |r: &[serde_json::Value]| r.iter().filter_map(|x| x.get("loss").and_then(|l| l.as_f64())).collect::<Vec<f64>>();
+    for (a, b) in losses(&rows).iter().zip(losses(&rows2)) {
+        assert!((a - b).abs() < 1e-4 * a.abs().max(1.0), "{:?} vs {:?}", losses(&rows), losses(&rows2));
+    }
     let first = rows.iter().find(|r| r.get("loss").is_some()).unwrap();
     assert!(first["kl"].as_f64().is_some() && first["rewards/chosen"].as_f64().is_some(), "{first:?}");
     // At step 1 the policy is the reference: every log-ratio and the KL point are 0, so each item

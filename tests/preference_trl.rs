@@ -13,7 +13,7 @@ use temper::data::preference::{KtoItem, PreferencePair, Sequence};
 use temper::loss::{bradley_terry, kto, Dpo, DpoLoss, Orpo, PairTerm, Simpo, TermLog, Weighted};
 use temper::models::Llama;
 use temper::optim::AdamW;
-use temper::train::preference::{kto_batches, pair_batches, Reference};
+use temper::train::preference::{kl_sequences, kto_batches, pair_batches, Reference};
 use temper::train::Trainer;
 use temper::{DType, ModuleExt, Tensor};
 
@@ -192,10 +192,10 @@ fn kto_matches_trl() {
         let cfg = &case["config"];
         let loss = kto(cfg["beta"].as_f64().unwrap()).weights(cfg["desirable_weight"].as_f64().unwrap(), cfg["undesirable_weight"].as_f64().unwrap());
         let trainer = Trainer::kto(model("policy"), loss, AdamW::lr(0.0)).with_reference(Reference::Model(Arc::new(reference.clone())));
-        let b = kto_batches(&items, 6, 0, true).expect("batch").remove(0);
+        let b = kto_batches(&items, &kl_sequences(&items, 6), 6, 0, true).expect("batch").remove(0);
         // The mismatched KL items are TRL's: item i's prompt with item i−1's completion.
-        for (i, it) in k["kl_items"].as_array().unwrap().iter().enumerate() {
-            assert_eq!(ids(&it["completion_ids"]), items[(i + 5) % 6].seq.completion, "KL item {i}");
+        for (i, (it, kl)) in k["kl_items"].as_array().unwrap().iter().zip(kl_sequences(&items, 6)).enumerate() {
+            assert_eq!((ids(&it["prompt_ids"]), ids(&it["completion_ids"])), (kl.prompt, kl.completion), "KL item {i}");
         }
         let mut log = TermLog::new();
         let l = trainer.kto_loss(&b, &mut log).expect("loss");

@@ -228,7 +228,7 @@ where
 }
 
 /// KTO items laid out for one step: the items' sequences (trained) and their mismatched KL
-/// sequences, each item's prompt with the previous item's completion (cycled within the batch).
+/// sequences (each item's prompt with another item's completion, [`kl_sequences`]).
 #[derive(Clone, Debug)]
 pub struct KtoBatch {
     pub items: SeqBatch,
@@ -238,16 +238,30 @@ pub struct KtoBatch {
     pub ref_logps: Option<(Vec<f64>, Vec<f64>)>,
 }
 
-/// `items` in micro-batches of `micro_batch_size`.
-pub fn kto_batches(items: &[KtoItem], micro_batch_size: usize, pad_id: u32, pack: bool) -> Result<Vec<KtoBatch>> {
+/// The mismatched sequence of each item that KTO's KL reference point is estimated from, as TRL
+/// pairs them: within each group of `group` consecutive items, item i's prompt with item i−1's
+/// completion (the group's first takes its last's). Fixed for a run, so it can be precomputed.
+pub fn kl_sequences(items: &[KtoItem], group: usize) -> Vec<Sequence> {
+    let mut out = Vec::with_capacity(items.len());
+    for chunk in items.chunks(group.max(1)) {
+        let n = chunk.len();
+        out.extend((0..n).map(|i| Sequence::new(chunk[i].seq.prompt.clone(), chunk[(i + n - 1) % n].seq.completion.clone())));
+    }
+    out
+}
+
+/// `items` in micro-batches of `micro_batch_size`, each item with its KL sequence `kl[i]`.
+pub fn kto_batches(items: &[KtoItem], kl: &[Sequence], micro_batch_size: usize, pad_id: u32, pack: bool) -> Result<Vec<KtoBatch>> {
     if micro_batch_size == 0 {
         return Err(Error::Input("micro_batch_size must be at least 1".into()));
     }
+    if kl.len() != items.len() {
+        return Err(Error::Input(format!("kto: {} KL sequences for {} items", kl.len(), items.len())));
+    }
     items
         .chunks(micro_batch_size)
-        .map(|chunk| {
-            let n = chunk.len();
-            let kl: Vec<Sequence> = (0..n).map(|i| Sequence::new(chunk[i].seq.prompt.clone(), chunk[(i + n - 1) % n].seq.completion.clone())).collect();
+        .zip(kl.chunks(micro_batch_size))
+        .map(|(chunk, kl)| {
             Ok(KtoBatch {
                 items: seq_batch(&chunk.iter().map(|it| &it.seq).collect::<Vec<_>>(), pad_id, pack)?,
                 kl: seq_batch(&kl.iter().collect::<Vec<_>>(), pad_id, pack)?,
