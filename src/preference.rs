@@ -191,10 +191,7 @@ impl WithModel for PrefRun<'_> {
                     Some(reference_cache(cfg, "pairs", &sources, || {
                         let mut b = pair_batches(train, mbs, pad, true)?;
                         precompute_pair_reference(&model, &mut b)?;
-                        Ok(b.into_iter().flat_map(|b| {
-                            let (c, r) = b.ref_logps.unwrap_or_default();
-                            c.into_iter().zip(r)
-                        }).collect())
+                        Ok(per_record(b.into_iter().map(|b| b.ref_logps)))
                     })?)
                 } else {
                     None
@@ -205,8 +202,7 @@ impl WithModel for PrefRun<'_> {
                     let mut b = pair_batches(&pairs, mbs, pad, true)?;
                     if let Some(r) = &refs {
                         for (k, batch) in b.iter_mut().enumerate() {
-                            let ids = &idx[k * mbs..(k * mbs + batch.pairs())];
-                            batch.ref_logps = Some((ids.iter().map(|&i| r[i].0).collect(), ids.iter().map(|&i| r[i].1).collect()));
+                            batch.ref_logps = Some(lookup(r, &idx[k * mbs..k * mbs + batch.pairs()]));
                         }
                     }
                     Ok(b)
@@ -235,10 +231,7 @@ impl WithModel for PrefRun<'_> {
                     Some(reference_cache(cfg, "kto", &sources, || {
                         let mut b = kto_batches(train, &train_kl, mbs, pad, true)?;
                         precompute_kto_reference(&model, &mut b)?;
-                        Ok(b.into_iter().flat_map(|b| {
-                            let (c, r) = b.ref_logps.unwrap_or_default();
-                            c.into_iter().zip(r)
-                        }).collect())
+                        Ok(per_record(b.into_iter().map(|b| b.ref_logps)))
                     })?)
                 } else {
                     None
@@ -252,8 +245,7 @@ impl WithModel for PrefRun<'_> {
                     let mut b = kto_batches(&items, &kl, mbs, pad, true)?;
                     if let Some(r) = &refs {
                         for (k, batch) in b.iter_mut().enumerate() {
-                            let ids = &idx[k * mbs..(k * mbs + batch.labels.len())];
-                            batch.ref_logps = Some((ids.iter().map(|&i| r[i].0).collect(), ids.iter().map(|&i| r[i].1).collect()));
+                            batch.ref_logps = Some(lookup(r, &idx[k * mbs..k * mbs + batch.labels.len()]));
                         }
                     }
                     Ok(b)
@@ -268,6 +260,20 @@ impl WithModel for PrefRun<'_> {
 /// Epoch `e`'s order of `n` items: shuffled by (seed, e) as SFT shuffles.
 fn shuffled(n: usize, seed: u64, e: u64) -> Vec<usize> {
     data::shuffle_split((0..n).collect::<Vec<usize>>(), seed.wrapping_add(e.wrapping_mul(0x9E37_79B9)), 0.0).0
+}
+
+/// Batches' (first, second) reference logps as one (first, second) per record, in order.
+fn per_record(batches: impl Iterator<Item = Option<(Vec<f64>, Vec<f64>)>>) -> Vec<(f64, f64)> {
+    batches.flat_map(|r| {
+        let (a, b) = r.unwrap_or_default();
+        a.into_iter().zip(b)
+    })
+    .collect()
+}
+
+/// The cached reference logps of records `ids`, as a batch carries them.
+fn lookup(cache: &[(f64, f64)], ids: &[usize]) -> (Vec<f64>, Vec<f64>) {
+    ids.iter().map(|&i| cache[i]).unzip()
 }
 
 /// Reference logps per training record (chosen and rejected of a pair; a KTO item and its KL
