@@ -370,6 +370,9 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return err("label_smoothing", format!("{} is not in [0, 1)", self.label_smoothing));
         }
+        if self.precompute_ref_log_probs && matches!(rl, "simpo" | "orpo" | "reward") {
+            return err("precompute_ref_log_probs", format!("rl = \"{rl}\" uses no reference policy, so there is nothing to precompute"));
+        }
         if rl == "kto" && self.micro_batch_size < 2 {
             return err("micro_batch_size", "KTO estimates its KL reference point from mismatched pairs inside a micro-batch: use micro_batch_size ≥ 2".into());
         }

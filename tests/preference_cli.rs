@@ -221,6 +221,7 @@ fn bad_preference_configs_name_the_key() {
         ("rl = \"dpo\"\nloss_type = \"nope\"", "preference", "loss_type"),
         ("rl = \"orpo\"\nloss_type = \"ipo\"", "preference", "loss_type"),
         ("rl = \"dpo\"\nbeta = -1.0", "preference", "beta"),
+        ("rl = \"simpo\"\nprecompute_ref_log_probs = true", "preference", "precompute_ref_log_probs"),
         ("", "preference", "rl"),
     ];
     for (head, format, key) in cases {
