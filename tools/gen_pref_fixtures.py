@@ -509,55 +509,88 @@ def with_stock(run, *args):
     return case
 
 
-# --------------------------------------------------------------------------- DPO
+def columns_dataset(records, names, **extra):
+    """A datasets.Dataset with one column per tuple position of `records` (named by `names`), plus `extra`."""
+    cols = {name: [rec[i] for rec in records] for i, name in enumerate(names)}
+    return datasets.Dataset.from_dict({**cols, **extra})
 
 
-def pairs_dataset():
-    return datasets.Dataset.from_dict(
-        {"prompt": [p for p, _, _ in PAIRS], "chosen": [c for _, c, _ in PAIRS], "rejected": [r for _, _, r in PAIRS]}
-    )
-
-
-def make_dpo_trainer(tmp, cfg):
-    policy, ref = load_causal("policy"), load_causal("reference")
-    args = DPOConfig(**common_args(tmp, len(PAIRS)), max_length=None, **cfg)
-    trainer = DPOTrainer(
-        model=policy, ref_model=ref, args=args, train_dataset=pairs_dataset(), processing_class=load_tokenizer()
-    )
+def make_trainer(trainer_cls, args, dataset, n, **models):
+    """A TRL trainer in train mode on `dataset` (its preprocessing run by the constructor), its n prepared rows
+    and their collated batch."""
+    trainer = trainer_cls(**models, args=args, train_dataset=dataset, processing_class=load_tokenizer())
     trainer.model.train()
-    rows = [trainer.train_dataset[i] for i in range(len(PAIRS))]
+    rows = [trainer.train_dataset[i] for i in range(n)]
     return trainer, rows, trainer.data_collator(rows)
 
 
-def run_dpo(tmp, cfg):
-    trainer, _, batch = make_dpo_trainer(tmp, cfg)
+def loss_case(trainer, inputs, grad_params):
+    """TRL's compute_loss on one batch: the loss, the metrics TRL logs for the step, the gradients after backward."""
     trainer.model.zero_grad(set_to_none=True)
-    loss = trainer.compute_loss(trainer.model, batch)
+    loss = trainer.compute_loss(trainer.model, inputs)
     loss.backward()
     return {
         "loss": loss.item(),
         "metrics": averaged_metrics(trainer._metrics["train"]),
-        "grads": raw_grads(trainer.model, GRAD_PARAMS),
+        "grads": raw_grads(trainer.model, grad_params),
     }
 
 
-def dpo_logps(tmp):
-    # ids exactly as TRL's DPO preprocessing produces them; per-pair log-probs via TRL's own compute_ref_log_probs
-    trainer, rows, batch = make_dpo_trainer(tmp, DPO_CASES[0][1])
+# --------------------------------------------------------------------------- DPO and KTO (policy + reference)
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+# family -> (trainer, config, records, their dataset columns, the two outputs of compute_ref_log_probs)
+WITH_REFERENCE = {
+    "dpo": (DPOTrainer, DPOConfig, PAIRS, PAIR_COLUMNS, ("chosen_", "rejected_")),
+    "kto": (KTOTrainer, KTOConfig, KTO_ITEMS, ("prompt", "completion", "label"), ("", "kl_")),
+}
+# (key prefix, trainer attribute) of the two models whose log-probs are recorded
+LOGP_MODELS = (("ref", "ref_model"), ("policy", "model"))
+
+
+def make_ref_trainer(tmp, family, cfg):
+    trainer_cls, config_cls, records, columns, _ = WITH_REFERENCE[family]
+    policy, ref = load_causal("policy"), load_causal("reference")
+    args = config_cls(**common_args(tmp, len(records)), max_length=None, **cfg)
+    dataset = columns_dataset(records, columns)
+    return make_trainer(trainer_cls, args, dataset, len(records), model=policy, ref_model=ref)
+
+
+def run_ref_case(tmp, family, cfg):
+    trainer, _, batch = make_ref_trainer(tmp, family, cfg)
+    return loss_case(trainer, batch, GRAD_PARAMS)
+
+
+def ref_policy_logps(tmp, family, cfg):
+    """Ids exactly as TRL's preprocessing produces them; per-row summed completion log-probs via TRL's own
+    compute_ref_log_probs, under the reference then the policy: `{who}_{part}logps` -> list, `part` naming each of
+    its two outputs (DPO: chosen, rejected; KTO: the items, the KL items)."""
+    *_, parts = WITH_REFERENCE[family]
+    trainer, rows, batch = make_ref_trainer(tmp, family, cfg)
+    logps = {}
     with torch.no_grad():
-        ref_c, ref_r = trainer.compute_ref_log_probs(trainer.ref_model, batch)
-        pol_c, pol_r = trainer.compute_ref_log_probs(trainer.model, batch)
-    return trainer, rows, {
-        "ref_chosen_logps": tensor_list(ref_c),
-        "ref_rejected_logps": tensor_list(ref_r),
-        "policy_chosen_logps": tensor_list(pol_c),
-        "policy_rejected_logps": tensor_list(pol_r),
-    }
+        for who, attr in LOGP_MODELS:
+            out = trainer.compute_ref_log_probs(getattr(trainer, attr), batch)
+            for part, t in zip(parts, out, strict=True):
+                logps[f"{who}_{part}logps"] = tensor_list(t)
+    return trainer, rows, logps
+
+
+def check_plain_logps(trainer, logps, i, prompt_ids, completions):
+    """Row i of each `{who}_{part}logps` against a plain transformers forward of prompt_ids + completions[part]."""
+    for who, attr in LOGP_MODELS:
+        for part, completion_ids in completions.items():
+            want = plain_logps(getattr(trainer, attr), prompt_ids, completion_ids)
+            got = logps[f"{who}_{part}logps"][i]
+            assert abs(want - got) < 1e-12, (who, part, i, want, got)
+
+
+# --------------------------------------------------------------------------- DPO
 
 
 def gen_dpo(tmp, fixture):
     with precision(True):
-        trainer, rows, logps = dpo_logps(tmp)
+        trainer, rows, logps = ref_policy_logps(tmp, "dpo", DPO_CASES[0][1])
         pairs = []
         for (p, c, r), row in zip(PAIRS, rows, strict=True):
             assert row["chosen_ids"][-1] == EOS and row["rejected_ids"][-1] == EOS
@@ -573,18 +606,15 @@ def gen_dpo(tmp, fixture):
             )
         # cross-check against a plain transformers forward, one unpadded sequence at a time
         for i, pr in enumerate(pairs):
-            for model, who in ((trainer.ref_model, "ref"), (trainer.model, "policy")):
-                for side in ("chosen", "rejected"):
-                    want = plain_logps(model, pr["prompt_ids"], pr[f"{side}_ids"])
-                    got = logps[f"{who}_{side}_logps"][i]
-                    assert abs(want - got) < 1e-12, (who, side, i, want, got)
+            sides = {"chosen_": pr["chosen_ids"], "rejected_": pr["rejected_ids"]}
+            check_plain_logps(trainer, logps, i, pr["prompt_ids"], sides)
     with precision(False):
-        _, _, stock_logps = dpo_logps(tmp)
+        _, _, stock_logps = ref_policy_logps(tmp, "dpo", DPO_CASES[0][1])
     fixture["pairs"] = pairs
     fixture.update(logps)
     fixture["stock_diff_logps"] = max_abs_diff(logps, stock_logps)
 
-    cases = [{"name": name, "config": cfg, **with_stock(run_dpo, tmp, cfg)} for name, cfg in DPO_CASES]
+    cases = [{"name": name, "config": cfg, **with_stock(run_ref_case, tmp, "dpo", cfg)} for name, cfg in DPO_CASES]
     by_name = {c["name"]: c for c in cases}
     # TRL 1.16 ignores label_smoothing for loss_type "sigmoid" (no cDPO): bit-identical to the plain case
     a, b = by_name["sigmoid"], by_name["sigmoid_label_smoothing"]
@@ -616,11 +646,9 @@ def check_cpo_like_ids(rows, pairs):
 def run_cpo_like(tmp, trainer_cls, config_cls, cfg, pairs):
     policy = load_causal("policy")
     args = config_cls(**common_args(tmp, len(PAIRS)), remove_unused_columns=False, **cfg)
-    trainer = trainer_cls(model=policy, args=args, train_dataset=pairs_dataset(), processing_class=load_tokenizer())
-    trainer.model.train()
-    rows = [trainer.train_dataset[i] for i in range(len(PAIRS))]
+    dataset = columns_dataset(PAIRS, PAIR_COLUMNS)
+    trainer, rows, batch = make_trainer(trainer_cls, args, dataset, len(PAIRS), model=policy)
     check_cpo_like_ids(rows, pairs)
-    batch = trainer.data_collator(rows)
     with torch.no_grad():
         fwd = trainer.concatenated_forward(trainer.model, batch)
     trainer.model.zero_grad(set_to_none=True)
@@ -650,55 +678,9 @@ def gen_simpo_orpo(tmp, fixture):
 # --------------------------------------------------------------------------- KTO
 
 
-def kto_dataset():
-    return datasets.Dataset.from_dict(
-        {
-            "prompt": [p for p, _, _ in KTO_ITEMS],
-            "completion": [c for _, c, _ in KTO_ITEMS],
-            "label": [lab for _, _, lab in KTO_ITEMS],
-        }
-    )
-
-
-def make_kto_trainer(tmp, cfg):
-    policy, ref = load_causal("policy"), load_causal("reference")
-    args = KTOConfig(**common_args(tmp, len(KTO_ITEMS)), max_length=None, **cfg)
-    trainer = KTOTrainer(
-        model=policy, ref_model=ref, args=args, train_dataset=kto_dataset(), processing_class=load_tokenizer()
-    )
-    trainer.model.train()
-    rows = [trainer.train_dataset[i] for i in range(len(KTO_ITEMS))]
-    return trainer, rows, trainer.data_collator(rows)
-
-
-def run_kto(tmp, cfg):
-    trainer, _, batch = make_kto_trainer(tmp, cfg)
-    trainer.model.zero_grad(set_to_none=True)
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    return {
-        "loss": loss.item(),
-        "metrics": averaged_metrics(trainer._metrics["train"]),
-        "grads": raw_grads(trainer.model, GRAD_PARAMS),
-    }
-
-
-def kto_logps(tmp):
-    trainer, rows, batch = make_kto_trainer(tmp, KTO_CASES[0][1])
-    with torch.no_grad():
-        ref_logps, ref_kl = trainer.compute_ref_log_probs(trainer.ref_model, batch)
-        pol_logps, pol_kl = trainer.compute_ref_log_probs(trainer.model, batch)
-    return trainer, rows, {
-        "ref_logps": tensor_list(ref_logps),
-        "ref_kl_logps": tensor_list(ref_kl),
-        "policy_logps": tensor_list(pol_logps),
-        "policy_kl_logps": tensor_list(pol_kl),
-    }
-
-
 def gen_kto(tmp, fixture):
     with precision(True):
-        trainer, rows, logps = kto_logps(tmp)
+        trainer, rows, logps = ref_policy_logps(tmp, "kto", KTO_CASES[0][1])
         items, kl_items = [], []
         for (p, c, lab), row in zip(KTO_ITEMS, rows, strict=True):
             assert row["completion_ids"][-1] == EOS and row["label"] == lab
@@ -716,51 +698,33 @@ def gen_kto(tmp, fixture):
         for i in range(n):
             # the rotation TRL applies: item i is paired with the completion of item i-1 (item 0 with item n-1)
             assert kl_items[i]["completion_ids"] == items[(i - 1) % n]["completion_ids"]
-            for model, who in ((trainer.ref_model, "ref"), (trainer.model, "policy")):
-                for lst, key in ((items, f"{who}_logps"), (kl_items, f"{who}_kl_logps")):
-                    want = plain_logps(model, lst[i]["prompt_ids"], lst[i]["completion_ids"])
-                    assert abs(want - logps[key][i]) < 1e-12, (key, i)
+            completions = {"": items[i]["completion_ids"], "kl_": kl_items[i]["completion_ids"]}
+            check_plain_logps(trainer, logps, i, items[i]["prompt_ids"], completions)
     with precision(False):
-        _, _, stock_logps = kto_logps(tmp)
+        _, _, stock_logps = ref_policy_logps(tmp, "kto", KTO_CASES[0][1])
     fixture["kto"] = {
         "items": items,
         "kl_items": kl_items,
         **logps,
         "stock_diff_logps": max_abs_diff(logps, stock_logps),
-        "cases": [{"name": name, "config": cfg, **with_stock(run_kto, tmp, cfg)} for name, cfg in KTO_CASES],
+        "cases": [
+            {"name": name, "config": cfg, **with_stock(run_ref_case, tmp, "kto", cfg)} for name, cfg in KTO_CASES
+        ],
     }
 
 
 # --------------------------------------------------------------------------- reward model
 
 
-def reward_dataset(with_margin):
-    d = {"prompt": [p for p, _, _ in PAIRS], "chosen": [c for _, c, _ in PAIRS], "rejected": [r for _, _, r in PAIRS]}
-    if with_margin:
-        d["margin"] = REWARD_MARGINS
-    return datasets.Dataset.from_dict(d)
-
-
 def make_reward_trainer(tmp, cfg, with_margin):
     args = RewardConfig(**common_args(tmp, len(PAIRS)), max_length=None, **cfg)
-    trainer = RewardTrainer(
-        model=load_reward(), args=args, train_dataset=reward_dataset(with_margin), processing_class=load_tokenizer()
-    )
-    trainer.model.train()
-    rows = [trainer.train_dataset[i] for i in range(len(PAIRS))]
-    return trainer, rows, trainer.data_collator(rows)
+    dataset = columns_dataset(PAIRS, PAIR_COLUMNS, **({"margin": REWARD_MARGINS} if with_margin else {}))
+    return make_trainer(RewardTrainer, args, dataset, len(PAIRS), model=load_reward())
 
 
 def run_reward(tmp, cfg, with_margin):
     trainer, _, batch = make_reward_trainer(tmp, cfg, with_margin)
-    trainer.model.zero_grad(set_to_none=True)
-    loss = trainer.compute_loss(trainer.model, dict(batch))
-    loss.backward()
-    return {
-        "loss": loss.item(),
-        "metrics": averaged_metrics(trainer._metrics["train"]),
-        "grads": raw_grads(trainer.model, REWARD_GRAD_PARAMS),
-    }
+    return loss_case(trainer, dict(batch), REWARD_GRAD_PARAMS)
 
 
 def reward_values(tmp):

@@ -22,6 +22,7 @@ and the "Tokenization fixtures" section of README.md (replaced in place; the res
 import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 
@@ -36,7 +37,13 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E
 from transformers.utils import logging as hf_logging  # noqa: E402
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+if TOOLS not in sys.path:
+    sys.path.insert(0, TOOLS)
+# the trainer arguments (CPU, one batch of n, no checkpoints) and the JSON layout of gen_pref_fixtures.py
+from gen_pref_fixtures import common_args, fmt  # noqa: E402
+
+ROOT = os.path.dirname(TOOLS)
 OUT = os.path.join(ROOT, "tests", "fixtures", "preference")
 DATA = os.path.join(OUT, "data")
 TOKENIZER_REL = "tests/fixtures/tokenizers/tiny_chat"
@@ -144,21 +151,6 @@ def tiny_model(vocab_size):
     return LlamaForCausalLM(cfg)
 
 
-def common_args(tmp, n):
-    return dict(
-        output_dir=tmp,
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        report_to="none",
-        save_strategy="no",
-        per_device_train_batch_size=n,
-        seed=0,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-
-
 def to_dataset(records):
     # from_list keeps the message lists as lists of {"role", "content"} structs, as load_dataset("json") would
     return datasets.Dataset.from_list(records)
@@ -219,20 +211,6 @@ def write_jsonl(path, records):
     with open(path, "w") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=True) + "\n")
-
-
-def fmt(obj, indent=0):
-    """JSON with flat lists on one line (small and diffable)."""
-    pad = "  " * indent
-    if isinstance(obj, dict):
-        items = [f"{pad}  {json.dumps(k)}: {fmt(v, indent + 1)}" for k, v in obj.items()]
-        return "{\n" + ",\n".join(items) + "\n" + pad + "}" if items else "{}"
-    if isinstance(obj, list):
-        if all(not isinstance(x, (dict, list)) for x in obj):
-            return "[" + ", ".join(json.dumps(x) for x in obj) + "]"
-        items = [pad + "  " + fmt(x, indent + 1) for x in obj]
-        return "[\n" + ",\n".join(items) + "\n" + pad + "]"
-    return json.dumps(obj)
 
 
 README_SECTION = """{start}

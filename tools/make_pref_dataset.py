@@ -43,6 +43,7 @@ counts, simple science). Every answer is one sentence of at most 20 words, plain
 
 import argparse
 import json
+import operator
 import os
 import random
 import re
@@ -83,10 +84,6 @@ class Fact:
         self.key = (category,) + tuple(key)
         self.variants = [([cap_first(q) for q in qs], [cap_first(a) for a in ans])
                          for qs, ans in variants]
-
-
-def simple(category, key, questions, answers):
-    return Fact(category, key, [(questions, answers)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,182 +270,220 @@ NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "
                 "ten", "eleven", "twelve"]
 
 
-def build_facts(rng):
-    facts = []
+# --------------------------------------------------------------------------------------------
+# From tables to facts
+# --------------------------------------------------------------------------------------------
+def first(row):
+    return row[:1]
 
-    for country, city in CAPITALS:
-        facts.append(simple("capital", [country], [
-            f"What is the capital of {country}?",
-            f"Which city is the capital of {country}?",
-            f"Name the capital city of {country}.",
-            f"What city is the capital of {country}?",
-        ], [
-            f"The capital of {country} is {city}.",
-            f"{city} is the capital of {country}.",
-        ]))
 
-    for country, lang in LANGUAGES:
-        facts.append(simple("language", [country], [
-            f"What is the main language spoken in {country}?",
-            f"Which language do most people speak in {country}?",
-            f"What language is mainly spoken in {country}?",
-        ], [
-            f"The main language spoken in {country} is {lang}.",
-            f"Most people in {country} speak {lang}.",
-        ]))
+def first_two(row):
+    return row[:2]
 
-    # Arithmetic: a deterministic sample of sums, differences and products. a + b and b + a
-    # (likewise a x b and b x a) count as the same fact, so they always land on the same side.
-    plus = [(a, b) for a in range(2, 13) for b in range(a, 13)]
-    minus = [(a, b) for a in range(5, 21) for b in range(2, a) if a - b >= 1]
-    times = [(a, b) for a in range(2, 11) for b in range(a, 11)]
-    for a, b in rng.sample(plus, 28):
-        if rng.random() < 0.5:
-            a, b = b, a
-        facts.append(simple("plus", sorted([a, b]), [
-            f"What is {a} plus {b}?",
-            f"How much is {a} plus {b}?",
-            f"What do you get when you add {a} and {b}?",
-            f"What is the sum of {a} and {b}?",
-        ], [
-            f"{a} plus {b} is {a + b}.",
-            f"{a} plus {b} equals {a + b}.",
-        ]))
-    for a, b in rng.sample(minus, 22):
-        facts.append(simple("minus", [a, b], [
-            f"What is {a} minus {b}?",
-            f"How much is {a} minus {b}?",
-            f"What do you get if you subtract {b} from {a}?",
-        ], [
-            f"{a} minus {b} is {a - b}.",
-            f"{a} minus {b} equals {a - b}.",
-        ]))
-    for a, b in rng.sample(times, 22):
-        if rng.random() < 0.5:
-            a, b = b, a
-        facts.append(simple("times", sorted([a, b]), [
-            f"What is {a} times {b}?",
-            f"How much is {a} times {b}?",
-            f"What is {a} multiplied by {b}?",
-        ], [
-            f"{a} times {b} is {a * b}.",
-            f"{a} times {b} equals {a * b}.",
-        ]))
 
-    for subject, colour in COLOURS:
-        facts.append(simple("colour", [subject], [
-            f"What color is {subject}?",
-            f"What colour is {subject}?",
-            f"Tell me the color of {subject}.",
-            f"Which colour is {subject}?",
-        ], [
-            f"{subject} is {colour}.",
-        ]))
+def unordered_pair(row):
+    # a + b and b + a (likewise a x b and b x a) are the same fact, so they land on the same side
+    return sorted(row[:2])
 
-    for animal, verb in SOUNDS:
-        name = animal.split(" ", 1)[1]
-        facts.append(simple("sound", [name], [
-            f"What sound does {animal} make?",
-            f"What noise does {animal} make?",
-            f"Which sound is {animal} known for?",
-        ], [
-            f"{animal} {verb}.",
-        ]))
 
-    for word, opp in OPPOSITES:
-        facts.append(simple("opposite", [word], [
-            f'What is the opposite of "{word}"?',
-            f"What is the opposite of {word}?",
-            f"Give me the opposite of the word {word}.",
-            f"Which word means the opposite of {word}?",
-        ], [
-            f"The opposite of {word} is {opp}.",
-        ]))
-
+# How each table becomes facts, one fact per row, in this order:
+#   (category, names of a row's fields, the fact's key from the row, variants).
+# A variant is (question templates, answer templates), str.format strings over the row's fields;
+# any question of a variant may be paired with any answer of the same variant.
+TEMPLATES = [
+    ("capital", ("country", "city"), first, [([
+        "What is the capital of {country}?",
+        "Which city is the capital of {country}?",
+        "Name the capital city of {country}.",
+        "What city is the capital of {country}?",
+    ], [
+        "The capital of {country} is {city}.",
+        "{city} is the capital of {country}.",
+    ])]),
+    ("language", ("country", "lang"), first, [([
+        "What is the main language spoken in {country}?",
+        "Which language do most people speak in {country}?",
+        "What language is mainly spoken in {country}?",
+    ], [
+        "The main language spoken in {country} is {lang}.",
+        "Most people in {country} speak {lang}.",
+    ])]),
+    ("plus", ("a", "b", "result"), unordered_pair, [([
+        "What is {a} plus {b}?",
+        "How much is {a} plus {b}?",
+        "What do you get when you add {a} and {b}?",
+        "What is the sum of {a} and {b}?",
+    ], [
+        "{a} plus {b} is {result}.",
+        "{a} plus {b} equals {result}.",
+    ])]),
+    ("minus", ("a", "b", "result"), first_two, [([
+        "What is {a} minus {b}?",
+        "How much is {a} minus {b}?",
+        "What do you get if you subtract {b} from {a}?",
+    ], [
+        "{a} minus {b} is {result}.",
+        "{a} minus {b} equals {result}.",
+    ])]),
+    ("times", ("a", "b", "result"), unordered_pair, [([
+        "What is {a} times {b}?",
+        "How much is {a} times {b}?",
+        "What is {a} multiplied by {b}?",
+    ], [
+        "{a} times {b} is {result}.",
+        "{a} times {b} equals {result}.",
+    ])]),
+    ("colour", ("subject", "colour"), first, [([
+        "What color is {subject}?",
+        "What colour is {subject}?",
+        "Tell me the color of {subject}.",
+        "Which colour is {subject}?",
+    ], [
+        "{subject} is {colour}.",
+    ])]),
+    ("sound", ("name", "animal", "verb"), first, [([
+        "What sound does {animal} make?",
+        "What noise does {animal} make?",
+        "Which sound is {animal} known for?",
+    ], [
+        "{animal} {verb}.",
+    ])]),
+    ("opposite", ("word", "opp"), first, [([
+        'What is the opposite of "{word}"?',
+        "What is the opposite of {word}?",
+        "Give me the opposite of the word {word}.",
+        "Which word means the opposite of {word}?",
+    ], [
+        "The opposite of {word} is {opp}.",
+    ])]),
     # Days and months: "the day after X" and "the day before the next one" state the same
     # adjacency, so they form one fact with two variants and never straddle the split.
-    for i, day in enumerate(DAYS):
-        nxt = DAYS[(i + 1) % 7]
-        facts.append(Fact("day", [day, nxt], [
-            ([f"What day comes after {day}?", f"Which day of the week follows {day}?",
-              f"What is the day after {day}?"],
-             [f"The day after {day} is {nxt}.", f"{nxt} comes after {day}."]),
-            ([f"What day comes before {nxt}?", f"Which day of the week comes just before {nxt}?",
-              f"What is the day before {nxt}?"],
-             [f"The day before {nxt} is {day}.", f"{day} comes before {nxt}."]),
-        ]))
-    for i, month in enumerate(MONTHS):
-        nxt = MONTHS[(i + 1) % 12]
-        facts.append(Fact("month", [month, nxt], [
-            ([f"Which month comes after {month}?", f"What month follows {month}?",
-              f"What is the month after {month}?"],
-             [f"The month after {month} is {nxt}.", f"{nxt} comes after {month}."]),
-            ([f"Which month comes before {nxt}?", f"What month comes just before {nxt}?",
-              f"What is the month before {nxt}?"],
-             [f"The month before {nxt} is {month}.", f"{month} comes before {nxt}."]),
-        ]))
-    for i, month in enumerate(MONTHS):
-        ordinal = ORDINALS[i]
-        facts.append(simple("month-number", [month], [
-            f"What is the {ordinal} month of the year?",
-            f"Which month is the {ordinal} month of the year?",
-            f"Name the {ordinal} month of the year.",
-        ], [
-            f"The {ordinal} month of the year is {month}.",
-            f"{month} is the {ordinal} month of the year.",
-        ]))
+    ("day", ("day", "nxt"), first_two, [([
+        "What day comes after {day}?", "Which day of the week follows {day}?",
+        "What is the day after {day}?",
+    ], [
+        "The day after {day} is {nxt}.", "{nxt} comes after {day}.",
+    ]), ([
+        "What day comes before {nxt}?", "Which day of the week comes just before {nxt}?",
+        "What is the day before {nxt}?",
+    ], [
+        "The day before {nxt} is {day}.", "{day} comes before {nxt}.",
+    ])]),
+    ("month", ("month", "nxt"), first_two, [([
+        "Which month comes after {month}?", "What month follows {month}?",
+        "What is the month after {month}?",
+    ], [
+        "The month after {month} is {nxt}.", "{nxt} comes after {month}.",
+    ]), ([
+        "Which month comes before {nxt}?", "What month comes just before {nxt}?",
+        "What is the month before {nxt}?",
+    ], [
+        "The month before {nxt} is {month}.", "{month} comes before {nxt}.",
+    ])]),
+    ("month-number", ("month", "ordinal"), first, [([
+        "What is the {ordinal} month of the year?",
+        "Which month is the {ordinal} month of the year?",
+        "Name the {ordinal} month of the year.",
+    ], [
+        "The {ordinal} month of the year is {month}.",
+        "{month} is the {ordinal} month of the year.",
+    ])]),
+    ("plural", ("word", "plural"), first, [([
+        'What is the plural of "{word}"?',
+        "What is the plural of {word}?",
+        "How do you say more than one {word}?",
+        "Give me the plural form of the word {word}.",
+    ], [
+        "The plural of {word} is {plural}.",
+    ])]),
+    ("past", ("verb", "past"), first, [([
+        'What is the past tense of "{verb}"?',
+        "What is the past tense of {verb}?",
+        "Give me the past tense of the verb {verb}.",
+        "How do you say {verb} in the past tense?",
+    ], [
+        "The past tense of {verb} is {past}.",
+    ])]),
+    ("unit", ("small", "large", "n"), first_two, [([
+        "How many {small} are in {large}?",
+        "How many {small} make {large}?",
+        "How many {small} are there in {large}?",
+    ], [
+        "There are {n} {small} in {large}.",
+        "{large} has {n} {small}.",
+    ])]),
+    ("legs", ("animal", "n", "part"), first, [([
+        "How many {part} does {animal} have?",
+        "How many {part} has {animal} got?",
+        "Count the {part} of {animal}: how many are there?",
+    ], [
+        "{animal} has {n} {part}.",
+    ])]),
+    ("shape", ("shape", "n"), first, [([
+        "How many sides does {shape} have?",
+        "How many sides has {shape} got?",
+        "What is the number of sides of {shape}?",
+    ], [
+        "{shape} has {n} sides.",
+    ])]),
+]
 
-    for word, plural in PLURALS:
-        facts.append(simple("plural", [word], [
-            f'What is the plural of "{word}"?',
-            f"What is the plural of {word}?",
-            f"How do you say more than one {word}?",
-            f"Give me the plural form of the word {word}.",
-        ], [
-            f"The plural of {word} is {plural}.",
-        ]))
 
-    for verb, past in PAST_TENSES:
-        facts.append(simple("past", [verb], [
-            f'What is the past tense of "{verb}"?',
-            f"What is the past tense of {verb}?",
-            f"Give me the past tense of the verb {verb}.",
-            f"How do you say {verb} in the past tense?",
-        ], [
-            f"The past tense of {verb} is {past}.",
-        ]))
+def table_facts(category, rows, fields, key, variants):
+    """One Fact per row: the row's values, named by `fields`, fill in every template."""
+    facts = []
+    for row in rows:
+        values = dict(zip(fields, row, strict=True))
+        filled = [([q.format(**values) for q in qs], [a.format(**values) for a in ans])
+                  for qs, ans in variants]
+        facts.append(Fact(category, key(row), filled))
+    return facts
 
-    for small, large, n in UNITS:
-        facts.append(simple("unit", [small, large], [
-            f"How many {small} are in {large}?",
-            f"How many {small} make {large}?",
-            f"How many {small} are there in {large}?",
-        ], [
-            f"There are {n} {small} in {large}.",
-            f"{large} has {n} {small}.",
-        ]))
 
-    for animal, n, part in LEGS:
-        facts.append(simple("legs", [animal], [
-            f"How many {part} does {animal} have?",
-            f"How many {part} has {animal} got?",
-            f"Count the {part} of {animal}: how many are there?",
-        ], [
-            f"{animal} has {n} {part}.",
-        ]))
+def drawn(rng, pool, n, op, swap):
+    """A deterministic sample of n (a, b, a op b) from `pool`; with `swap`, a and b trade places
+    half of the time (one rng.random() per row, drawn after the sample)."""
+    rows = []
+    for a, b in rng.sample(pool, n):
+        if swap and rng.random() < 0.5:
+            a, b = b, a
+        rows.append((a, b, op(a, b)))
+    return rows
 
-    for shape, n in SHAPES:
-        facts.append(simple("shape", [shape], [
-            f"How many sides does {shape} have?",
-            f"How many sides has {shape} got?",
-            f"What is the number of sides of {shape}?",
-        ], [
-            f"{shape} has {n} sides.",
-        ]))
 
+def successors(names):
+    """(name, the one after it), cyclically."""
+    return [(name, names[(i + 1) % len(names)]) for i, name in enumerate(names)]
+
+
+def build_facts(rng):
+    rows = {  # evaluated in this order: the arithmetic draws come from rng as plus, minus, times
+        "capital": CAPITALS,
+        "language": LANGUAGES,
+        "plus": drawn(rng, [(a, b) for a in range(2, 13) for b in range(a, 13)], 28,
+                      operator.add, swap=True),
+        "minus": drawn(rng, [(a, b) for a in range(5, 21) for b in range(2, a) if a - b >= 1], 22,
+                       operator.sub, swap=False),
+        "times": drawn(rng, [(a, b) for a in range(2, 11) for b in range(a, 11)], 22,
+                       operator.mul, swap=True),
+        "colour": COLOURS,
+        "sound": [(animal.split(" ", 1)[1], animal, verb) for animal, verb in SOUNDS],
+        "opposite": OPPOSITES,
+        "day": successors(DAYS),
+        "month": successors(MONTHS),
+        "month-number": list(zip(MONTHS, ORDINALS)),
+        "plural": PLURALS,
+        "past": PAST_TENSES,
+        "unit": UNITS,
+        "legs": LEGS,
+        "shape": SHAPES,
+    }
+    assert list(rows) == [category for category, *_ in TEMPLATES]
+    facts = []
+    for category, fields, key, variants in TEMPLATES:
+        facts += table_facts(category, rows[category], fields, key, variants)
     for i, (questions, answer) in enumerate(SCIENCE):
-        facts.append(simple("science", [i], questions, [answer]))
-
+        facts.append(Fact("science", [i], [(questions, [answer])]))
     return facts
 
 
