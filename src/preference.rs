@@ -2,12 +2,12 @@
 //! datasets, the loss the keys describe, the reference policy, and the same monitored loop as SFT.
 
 use crate::config::TrainConfig;
-use crate::sft::{chat_template, dataset_spec, place, prepare, with_adapter, Prepared, WithModel};
+use crate::sft::{dataset_spec, tokenize_options, place, prepare, with_adapter, Prepared, WithModel};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use temper_runtime::adapters::{Adapter, AdapterFormat};
 use temper_runtime::data::preference::{load_kto, load_pairs, KtoItem, PreferencePair, Sequence};
-use temper_runtime::data::{self, TokenizeOptions};
+use temper_runtime::data;
 use temper_runtime::loss::{bradley_terry, kto, Dpo, DpoLoss, Orpo, PairTerm, Simpo, Weighted};
 use temper_runtime::models::Llama;
 use temper_runtime::monitor::Progress;
@@ -66,11 +66,7 @@ enum Data {
 }
 
 fn load(cfg: &TrainConfig, cfg_path: &Path, tok: &Tokenizer, sets: &[crate::config::DatasetSection]) -> Result<Data> {
-    let mut opts = TokenizeOptions::new(cfg.sequence_len);
-    opts.chat_template = chat_template(cfg, cfg_path)?;
-    if cfg.too_long.as_deref() == Some("truncate") {
-        opts.too_long = data::TooLong::Truncate;
-    }
+    let opts = tokenize_options(cfg, cfg_path)?;
     let kto = cfg.rl.as_deref() == Some("kto");
     let (mut pairs, mut items) = (Vec::new(), Vec::new());
     for d in sets {

@@ -56,13 +56,19 @@ pub(crate) fn dataset_spec(cfg_path: &Path, d: &crate::config::DatasetSection) -
     Ok(spec)
 }
 
-/// Every dataset of the config, tokenized, with what happened to the records printed.
-pub fn load_examples(cfg: &TrainConfig, cfg_path: &Path, tok: &Tokenizer, quiet: bool) -> Result<Vec<Example>> {
+/// How the config's records become token ids: `sequence_len`, the chat template, `too_long`.
+pub(crate) fn tokenize_options(cfg: &TrainConfig, cfg_path: &Path) -> Result<TokenizeOptions> {
     let mut opts = TokenizeOptions::new(cfg.sequence_len);
     opts.chat_template = chat_template(cfg, cfg_path)?;
     if cfg.too_long.as_deref() == Some("truncate") {
         opts.too_long = data::TooLong::Truncate;
     }
+    Ok(opts)
+}
+
+/// Every dataset of the config, tokenized, with what happened to the records printed.
+pub fn load_examples(cfg: &TrainConfig, cfg_path: &Path, tok: &Tokenizer, quiet: bool) -> Result<Vec<Example>> {
+    let opts = tokenize_options(cfg, cfg_path)?;
     let mut all = Vec::new();
     for d in &cfg.datasets {
         let (ex, report) = data::load(&dataset_spec(cfg_path, d)?, tok, &opts)?;

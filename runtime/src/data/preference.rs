@@ -21,11 +21,11 @@ use serde_json::Value;
 
 use super::format::{err, field, flag, kind, text};
 use super::source::{read_records, Record};
+use super::tokenize::{at, no_template, template_for};
 use super::{DataReport, DatasetSpec, FieldMap, Format, TokenizeOptions, TooLong};
 use crate::chat_template::{render_chat, ChatMessage};
 use crate::error::{Error, Result};
 use crate::models::ForwardInput;
-use crate::ops::IGNORE_INDEX;
 use crate::tensor::Tensor;
 use crate::tokenizer::Tokenizer;
 use crate::Device;
@@ -176,9 +176,7 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 fn tokenize_sides(prompt: &Side, outs: &[Side], tok: &Tokenizer, template: Option<&str>) -> Result<Vec<Sequence>> {
     let (prompt_ids, full): (Vec<u32>, Vec<Vec<u32>>) = match prompt {
         Side::Messages(p) => {
-            let t = template.ok_or_else(|| {
-                Error::Input("no chat template: the tokenizer has none (tokenizer_config.json `chat_template` or GGUF `tokenizer.chat_template`) and none was given".into())
-            })?;
+            let t = template.ok_or_else(no_template)?;
             let (bos, eos) = (tok.bos_token.as_deref(), tok.eos_token.as_deref());
             let enc = |s: &str| -> Result<Vec<u32>> {
                 Ok(tok.inner().encode(s, false).map_err(|e| Error::Input(format!("tokenizer: cannot encode the rendered conversation: {e}")))?.get_ids().to_vec())
@@ -236,10 +234,6 @@ fn fit(mut seqs: Vec<Sequence>, opts: &TokenizeOptions, report: &mut DataReport,
     Some(seqs)
 }
 
-fn template(tok: &Tokenizer, opts: &TokenizeOptions) -> Option<String> {
-    opts.chat_template.as_deref().or(tok.chat_template.as_deref()).map(super::chat::prepare_template)
-}
-
 fn check_format(spec: &DatasetSpec, want: Format) -> Result<()> {
     if spec.format != want {
         return Err(Error::Input(format!("{}: the dataset's format is {:?}, expected {want:?}", spec.path.display(), spec.format)));
@@ -259,7 +253,7 @@ fn load_with<E, T>(
     build: impl Fn(&Record, E, Vec<Sequence>) -> T,
 ) -> Result<(Vec<T>, DataReport)> {
     let records = read_records(&spec.path)?;
-    let template = template(tok, opts);
+    let template = template_for(tok, opts);
     let mut report = DataReport { read: records.len(), ..Default::default() };
     let mut out = Vec::with_capacity(records.len());
     for rec in &records {
@@ -313,13 +307,6 @@ pub fn is_pair_file(path: &std::path::Path) -> Result<bool> {
     Ok(first.value.get("chosen").is_some() && first.value.get("rejected").is_some())
 }
 
-fn at(e: Error, source: &str) -> Error {
-    match e {
-        Error::Input(m) if !m.starts_with(source) => Error::Input(format!("{source}: {m}")),
-        other => other,
-    }
-}
-
 /// Where one sequence sits in a [`SeqBatch`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Span {
@@ -335,12 +322,11 @@ pub struct Span {
 }
 
 /// Sequences laid out for one forward: packed several to a row (each attending only to itself,
-/// positions restarting at 0) or one per row, right-padded. Labels are every token but each
-/// sequence's first (−100 there and on padding); the spans say which are the completion's.
+/// positions restarting at 0) or one per row, right-padded; the spans say where each sequence and
+/// its completion are.
 #[derive(Clone, Debug)]
 pub struct SeqBatch {
     pub input: ForwardInput,
-    pub labels: Tensor,
     /// In the order the sequences were given.
     pub spans: Vec<Span>,
     pub pad_id: u32,
@@ -401,7 +387,6 @@ pub fn seq_batch(seqs: &[&Sequence], pad_id: u32, pack: bool) -> Result<SeqBatch
     let (b, t) = (fill.len(), cap);
     let mut ids = vec![pad_id as i64; b * t];
     let mut mask = vec![0i64; b * t];
-    let mut labels = vec![IGNORE_INDEX; b * t];
     let mut pos = vec![0i64; b * t];
     let mut seg = vec![0u32; b * t];
     let mut next_seg = vec![0u32; b];
@@ -413,9 +398,6 @@ pub fn seq_batch(seqs: &[&Sequence], pad_id: u32, pack: bool) -> Result<SeqBatch
             mask[base + k] = 1;
             pos[base + k] = k as i64;
             seg[base + k] = next_seg[sp.row];
-            if k > 0 {
-                labels[base + k] = id as i64;
-            }
         }
     }
     let packed = spans.iter().enumerate().any(|(i, a)| spans[i + 1..].iter().any(|b| b.row == a.row));
@@ -425,7 +407,7 @@ pub fn seq_batch(seqs: &[&Sequence], pad_id: u32, pack: bool) -> Result<SeqBatch
         position_ids: packed.then_some(pos),
         segment_ids: if packed { Some(Tensor::from_vec(seg, &[b, t], Device::Cpu)?) } else { None },
     };
-    Ok(SeqBatch { input, labels: Tensor::from_vec(labels, &[b, t], Device::Cpu)?, spans, pad_id })
+    Ok(SeqBatch { input, spans, pad_id })
 }
 
 #[cfg(test)]
@@ -469,7 +451,7 @@ mod tests {
     }
 
     #[test]
-    fn packing_puts_short_sequences_together_and_labels_only_completions() {
+    fn packing_puts_short_sequences_together_each_in_its_own_segment() {
         let a = Sequence::new(vec![1, 2, 3], vec![4, 5]);
         let b = Sequence::new(vec![6], vec![7]);
         let c = Sequence::new(vec![8], vec![9, 10]);
@@ -477,13 +459,15 @@ mod tests {
         assert_eq!(sb.input.input_ids.shape(), [2, 5]);
         assert_eq!(sb.spans[0], Span { row: 0, start: 0, len: 5, scored: 2, prompt: 3 });
         assert_eq!((sb.spans[2].row, sb.spans[2].start, sb.spans[1].row, sb.spans[1].start), (1, 0, 1, 3));
-        let l = sb.labels.to_vec::<i64>().unwrap();
-        assert_eq!(l, vec![-100, 2, 3, 4, 5, -100, 9, 10, -100, 7]);
+        assert_eq!(sb.input.input_ids.to_vec::<i64>().unwrap(), vec![1, 2, 3, 4, 5, 8, 9, 10, 6, 7]);
+        assert_eq!(sb.input.position_ids.as_deref().unwrap(), [0, 1, 2, 3, 4, 0, 1, 2, 0, 1]);
+        assert_eq!(sb.input.segment_ids.as_ref().unwrap().to_vec::<u32>().unwrap(), vec![1, 1, 1, 1, 1, 2, 2, 2, 1, 1]);
         assert_eq!(sb.last_token_index().unwrap(), vec![4, 9, 7]);
         let un = seq_batch(&[&a, &b], 0, false).unwrap();
         assert_eq!(un.input.input_ids.shape(), [2, 5]);
         assert!(un.input.segment_ids.is_none());
-        assert_eq!(un.labels.to_vec::<i64>().unwrap(), vec![-100, 2, 3, 4, 5, -100, 7, -100, -100, -100]);
+        assert_eq!(un.input.input_ids.to_vec::<i64>().unwrap(), vec![1, 2, 3, 4, 5, 6, 7, 0, 0, 0]);
+        assert_eq!(un.input.attention_mask.as_ref().unwrap().to_vec::<i64>().unwrap(), vec![1, 1, 1, 1, 1, 1, 1, 0, 0, 0]);
         // A trailing token equal to the pad id is skipped, as transformers does.
         let p = seq_batch(&[&a], 5, true).unwrap();
         assert_eq!(p.last_token_index().unwrap(), vec![3]);

@@ -24,7 +24,7 @@ pub fn load(spec: &DatasetSpec, tok: &Tokenizer, opts: &TokenizeOptions) -> Resu
         return Err(Error::Input(format!("data: sequence_len must be at least 2, got {}", opts.sequence_len)));
     }
     let records = read_records(&spec.path)?;
-    let template = opts.chat_template.as_deref().or(tok.chat_template.as_deref()).map(prepare_template);
+    let template = template_for(tok, opts);
     let mut report = DataReport { read: records.len(), ..Default::default() };
     let mut out = Vec::with_capacity(records.len());
     for rec in &records {
@@ -60,8 +60,18 @@ pub fn load(spec: &DatasetSpec, tok: &Tokenizer, opts: &TokenizeOptions) -> Resu
     Ok((out, report))
 }
 
+/// The chat template `opts` asks for, else the tokenizer's own, prepared for rendering.
+pub(crate) fn template_for(tok: &Tokenizer, opts: &TokenizeOptions) -> Option<String> {
+    opts.chat_template.as_deref().or(tok.chat_template.as_deref()).map(prepare_template)
+}
+
+/// The error of a conversation with no template to render it.
+pub(crate) fn no_template() -> Error {
+    Error::Input("no chat template: the tokenizer has none (tokenizer_config.json `chat_template` or GGUF `tokenizer.chat_template`) and none was given".into())
+}
+
 /// Prefixes an error's message with `source` (the record's `file:line`) unless it has it.
-fn at(e: Error, source: &str) -> Error {
+pub(crate) fn at(e: Error, source: &str) -> Error {
     match e {
         Error::Input(m) if !m.starts_with(source) => Error::Input(format!("{source}: {m}")),
         other => other,
@@ -82,9 +92,7 @@ pub fn tokenize_item(item: &Item, tok: &Tokenizer, template: Option<&str>, train
         Item::Conversation { turns, alpaca } => match template {
             Some(t) => conversation(t, turns, tok, train_on),
             None if *alpaca => segments(&alpaca_prompt(turns), tok, opts.add_eos, true),
-            None => Err(Error::Input(
-                "no chat template: the tokenizer has none (tokenizer_config.json `chat_template` or GGUF `tokenizer.chat_template`) and none was given".into(),
-            )),
+            None => Err(no_template()),
         },
         Item::Text(text) => {
             let mut ids = tok.encode(text, true)?;
