@@ -84,12 +84,13 @@ impl<'a> PairCx<'a> {
 
     /// Per-token averages `logps / n` of the chosen and rejected completions.
     fn averages(&self) -> Result<(Tensor, Tensor)> {
-        let inv = |n: &[usize]| n.iter().map(|&k| 1.0 / k.max(1) as f64).collect::<Vec<f64>>();
-        Ok((
-            ops::mul(&self.chosen_logps, &constant(inv(&self.chosen_tokens), &self.chosen_logps)?)?,
-            ops::mul(&self.rejected_logps, &constant(inv(&self.rejected_tokens), &self.rejected_logps)?)?,
-        ))
+        Ok((per_token(&self.chosen_logps, &self.chosen_tokens)?, per_token(&self.rejected_logps, &self.rejected_tokens)?))
     }
+}
+
+/// `x[i] / n[i]` (n at least 1): a sequence sum as a per-token average.
+fn per_token(x: &Tensor, n: &[usize]) -> Result<Tensor> {
+    ops::mul(x, &constant(n.iter().map(|&k| 1.0 / k.max(1) as f64).collect(), x)?)
 }
 
 /// `values` as a constant tensor of `like`'s dtype and device.
@@ -107,9 +108,11 @@ fn mean_of(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
-/// The metrics every pair loss logs, from the implicit rewards `β·(chosen, rejected)` and the
+/// The metrics every pair loss logs, from the implicit rewards `β·chosen`, `β·rejected` and the
 /// policy's logps, as TRL names them.
-fn log_rewards(log: &mut TermLog, chosen_rewards: &[f64], rejected_rewards: &[f64], logps_c: &Tensor, logps_r: &Tensor) -> Result<()> {
+fn log_rewards(log: &mut TermLog, beta: f64, chosen: &Tensor, rejected: &Tensor, logps_c: &Tensor, logps_r: &Tensor) -> Result<()> {
+    let scaled = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_f64_vec()?.iter().map(|x| beta * x).collect()) };
+    let (chosen_rewards, rejected_rewards) = (&scaled(chosen)?, &scaled(rejected)?);
     let acc: Vec<f64> = chosen_rewards.iter().zip(rejected_rewards).map(|(c, r)| f64::from(u8::from(c > r))).collect();
     let margins: Vec<f64> = chosen_rewards.iter().zip(rejected_rewards).map(|(c, r)| c - r).collect();
     log.push(("rewards/chosen", mean_of(chosen_rewards)));
@@ -236,10 +239,7 @@ impl Term<PairCx<'_>> for Dpo {
             }
             DpoLoss::Hinge => ops::pointwise(&ops::scale(&ops::add_scalar(&delta, -1.0 / b)?, -b)?, Pointwise::Relu)?,
             DpoLoss::Ipo | DpoLoss::SigmoidNorm => {
-                let inv = |n: &[usize]| n.iter().map(|&k| 1.0 / k.max(1) as f64).collect::<Vec<f64>>();
-                let ca = ops::mul(&c, &constant(inv(&cx.chosen_tokens), &c)?)?;
-                let ra = ops::mul(&r, &constant(inv(&cx.rejected_tokens), &r)?)?;
-                let d = ops::sub(&ca, &ra)?;
+                let d = ops::sub(&per_token(&c, &cx.chosen_tokens)?, &per_token(&r, &cx.rejected_tokens)?)?;
                 if self.kind == DpoLoss::Ipo {
                     ops::pointwise(&ops::add_scalar(&d, -1.0 / (2.0 * b))?, Pointwise::Square)?
                 } else {
@@ -254,9 +254,7 @@ impl Term<PairCx<'_>> for Dpo {
         };
         let loss = mean(&per_pair)?;
         log.push((self.kind.log_name(), loss.to_scalar()?));
-        let rc: Vec<f64> = c.to_f64_vec()?.iter().map(|x| b * x).collect();
-        let rr: Vec<f64> = r.to_f64_vec()?.iter().map(|x| b * x).collect();
-        log_rewards(log, &rc, &rr, &cx.chosen_logps, &cx.rejected_logps)?;
+        log_rewards(log, b, &c, &r, &cx.chosen_logps, &cx.rejected_logps)?;
         Ok(loss)
     }
 }
@@ -306,9 +304,7 @@ impl Term<PairCx<'_>> for Simpo {
         let x = ops::add_scalar(&ops::scale(&ops::sub(&ca, &ra)?, self.beta)?, -self.gamma)?;
         let loss = mean(&smoothed_logistic(&x, self.label_smoothing)?)?;
         log.push(("loss/simpo", loss.to_scalar()?));
-        let rc: Vec<f64> = ca.to_f64_vec()?.iter().map(|x| self.beta * x).collect();
-        let rr: Vec<f64> = ra.to_f64_vec()?.iter().map(|x| self.beta * x).collect();
-        log_rewards(log, &rc, &rr, &ca, &ra)?;
+        log_rewards(log, self.beta, &ca, &ra, &ca, &ra)?;
         Ok(loss)
     }
 }
@@ -337,9 +333,7 @@ impl Term<PairCx<'_>> for Orpo {
         let nll = ops::scale(&ops::sum(&whole()?)?, -1.0 / n.max(1) as f64)?;
         let loss = ops::sub(&nll, &ops::scale(&ratio, self.lambda)?)?;
         log.push(("loss/orpo", loss.to_scalar()?));
-        let rc: Vec<f64> = ca.to_f64_vec()?.iter().map(|x| self.lambda * x).collect();
-        let rr: Vec<f64> = ra.to_f64_vec()?.iter().map(|x| self.lambda * x).collect();
-        log_rewards(log, &rc, &rr, &ca, &ra)?;
+        log_rewards(log, self.lambda, &ca, &ra, &ca, &ra)?;
         log.push(("nll_loss", nll.to_scalar()?));
         log.push(("log_odds_ratio", ratio.to_scalar()?));
         log.push(("log_odds_chosen", mean_of(&log_odds.to_f64_vec()?)));
