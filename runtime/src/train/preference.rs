@@ -149,25 +149,28 @@ pub fn precompute_pair_reference<A: Adapter>(model: &Llama<A>, batches: &mut [Pa
     Ok(())
 }
 
-/// Metric sums over evaluation batches, weighted by their pairs (or items): the means over the set.
-fn weighted_metrics(parts: Vec<(usize, f64, TermLog)>) -> Vec<(&'static str, f64)> {
-    let total: usize = parts.iter().map(|p| p.0).sum();
-    let mut acc = TermLog::new();
-    let mut loss = 0.0;
-    for (n, l, t) in parts {
-        let w = n as f64 / total.max(1) as f64;
-        loss += w * l;
-        merge_terms(&mut acc, t, w);
-    }
-    let mut out = vec![("loss", loss)];
-    out.extend(acc);
-    out
-}
-
-/// Runs `f` with the model in evaluation mode and without gradients.
-fn eval_mode<A: Adapter, L, O: Optimizer, T>(tr: &mut Trainer<A, L, O>, f: impl FnOnce(&Trainer<A, L, O>) -> Result<T>) -> Result<T> {
+/// The loss and every logged value of `f` over `eval`, each batch weighted by its `units` (pairs
+/// or items): means over the set. Runs in evaluation mode (no dropout) without gradients.
+fn evaluate_by<A: Adapter, L, O: Optimizer, B>(
+    tr: &mut Trainer<A, L, O>,
+    eval: &[B],
+    units: impl Fn(&B) -> usize,
+    f: impl Fn(&Trainer<A, L, O>, &B, &mut TermLog) -> Result<Tensor>,
+) -> Result<Vec<(&'static str, f64)>> {
     let was = std::mem::replace(&mut tr.model.training, false);
-    let r = crate::autograd::no_grad(|| f(tr));
+    let total: usize = eval.iter().map(&units).sum();
+    let r = crate::autograd::no_grad(|| {
+        let (mut acc, mut loss) = (TermLog::new(), 0.0);
+        for b in eval {
+            let w = units(b) as f64 / total.max(1) as f64;
+            let mut t = TermLog::new();
+            loss += w * f(tr, b, &mut t)?.to_scalar()?;
+            merge_terms(&mut acc, t, w);
+        }
+        let mut out = vec![("loss", loss)];
+        out.extend(acc);
+        Ok(out)
+    });
     tr.model.training = was;
     r
 }
@@ -215,15 +218,7 @@ where
     /// The loss and every logged metric (rewards/accuracies, rewards/margins, …) over `eval`,
     /// averaged over its pairs, without gradients and with adapters on.
     pub fn evaluate_pairs(&mut self, eval: &[PairBatch]) -> Result<Vec<(&'static str, f64)>> {
-        eval_mode(self, |tr| {
-            let mut parts = Vec::with_capacity(eval.len());
-            for b in eval {
-                let mut t = TermLog::new();
-                let l = tr.pair_loss(b, &mut t)?.to_scalar()?;
-                parts.push((b.pairs(), l, t));
-            }
-            Ok(weighted_metrics(parts))
-        })
+        evaluate_by(self, eval, |b| b.pairs(), |tr, b, log| tr.pair_loss(b, log))
     }
 }
 
@@ -316,15 +311,7 @@ where
 
     /// The KTO loss and metrics over `eval`, averaged over its items.
     pub fn evaluate_kto(&mut self, eval: &[KtoBatch]) -> Result<Vec<(&'static str, f64)>> {
-        eval_mode(self, |tr| {
-            let mut parts = Vec::with_capacity(eval.len());
-            for b in eval {
-                let mut t = TermLog::new();
-                let l = tr.kto_loss(b, &mut t)?.to_scalar()?;
-                parts.push((b.labels.len(), l, t));
-            }
-            Ok(weighted_metrics(parts))
-        })
+        evaluate_by(self, eval, |b| b.labels.len(), |tr, b, log| tr.kto_loss(b, log))
     }
 }
 
@@ -366,15 +353,7 @@ where
 
     /// The loss, `accuracy` and `margin` over `eval`, averaged over its pairs.
     pub fn evaluate_rewards(&mut self, eval: &[RewardBatch]) -> Result<Vec<(&'static str, f64)>> {
-        eval_mode(self, |tr| {
-            let mut parts = Vec::with_capacity(eval.len());
-            for b in eval {
-                let mut t = TermLog::new();
-                let l = tr.reward_loss(&b.0, &mut t)?.to_scalar()?;
-                parts.push((b.0.pairs(), l, t));
-            }
-            Ok(weighted_metrics(parts))
-        })
+        evaluate_by(self, eval, |b| b.0.pairs(), |tr, b, log| tr.reward_loss(&b.0, log))
     }
 }
 
