@@ -1,5 +1,7 @@
 //! Text generation: batched prompts (left padding), KV cache, greedy or sampled decoding
-//! (temperature, top-k, top-p, seed), stopping on EOS or stop strings.
+//! (temperature, top-k, top-p, seed), stopping on EOS or stop strings; and RL rollouts
+//! ([`rollout`]): several samples per prompt sharing its prefilled KV cache, with the log-probs
+//! and entropies the sampler saw.
 
 use crate::error::{Error, Result};
 use crate::models::Llama;
@@ -103,6 +105,51 @@ fn sample(row: &[f32], temperature: f64, top_k: Option<usize>, top_p: Option<f64
 
 /// Generates continuations of `prompts` (token ids, possibly of different lengths).
 pub fn generate<A: crate::adapters::Adapter>(model: &Llama<A>, prompts: &[Vec<u32>], cfg: &GenerationConfig, tokenizer: Option<&Tokenizer>) -> Result<Generation> {
+    let r = decode(model, prompts, 1, cfg, tokenizer, false)?;
+    Ok(Generation { tokens: r.tokens, finish: r.finish, prompt_tokens: r.prompt_tokens })
+}
+
+/// Sampled completions for reinforcement learning ([`rollout`]): `n` per prompt, prompt-major
+/// (completion `i` continues prompt `i / n`), with what the sampler saw at each token.
+#[derive(Clone, Debug)]
+pub struct Rollout {
+    pub tokens: Vec<Vec<u32>>,
+    /// log π(token) under the distribution sampled from (logits / temperature, before top-k/top-p
+    /// truncation, as TRL and vLLM report them): the "old" log-probs of a policy-gradient step.
+    pub logprobs: Vec<Vec<f32>>,
+    /// Entropy of that distribution at each step (nats).
+    pub entropies: Vec<Vec<f32>>,
+    pub finish: Vec<FinishReason>,
+    /// Prompt tokens prefilled (each prompt once, however many samples share it).
+    pub prompt_tokens: usize,
+}
+
+/// `n` sampled completions of each prompt on the model being trained (adapters applied unmerged,
+/// no copy of the weights). Each prompt is prefilled once and its KV cache rows are copied to its
+/// `n` samples; finished rows leave the batch (the cache is compacted when a quarter of the rows
+/// are done), so the decode step's cost follows the rows still running.
+pub fn rollout<A: crate::adapters::Adapter>(model: &Llama<A>, prompts: &[Vec<u32>], n: usize, cfg: &GenerationConfig, tokenizer: Option<&Tokenizer>) -> Result<Rollout> {
+    if n == 0 {
+        return Err(Error::Input("rollout: the number of samples per prompt must be at least 1".into()));
+    }
+    decode(model, prompts, n, cfg, tokenizer, true)
+}
+
+/// log softmax(row / T)[tok] and the entropy of softmax(row / T), in f64.
+fn logprob_and_entropy(row: &[f32], tok: u32, temperature: f64) -> (f32, f32) {
+    let t = if temperature > 0.0 { temperature } else { 1.0 };
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64 / t;
+    let z: f64 = row.iter().map(|&v| (v as f64 / t - max).exp()).sum();
+    let lse = max + z.ln();
+    let ent = -row.iter().map(|&v| {
+        let lp = v as f64 / t - lse;
+        lp.exp() * lp
+    }).sum::<f64>();
+    ((row[tok as usize] as f64 / t - lse) as f32, ent as f32)
+}
+
+/// The decoding loop of [`generate`] and [`rollout`].
+fn decode<A: crate::adapters::Adapter>(model: &Llama<A>, prompts: &[Vec<u32>], n: usize, cfg: &GenerationConfig, tokenizer: Option<&Tokenizer>, record: bool) -> Result<Rollout> {
     if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
         return Err(Error::Input("generate: every prompt needs at least one token".into()));
     }
@@ -116,66 +163,92 @@ pub fn generate<A: crate::adapters::Adapter>(model: &Llama<A>, prompts: &[Vec<u3
         }
     }
     let b = prompts.len();
+    let rows = b * n;
+    let prompt_tokens = prompts.iter().map(|p| p.len()).sum();
+    let mut out = Rollout { tokens: vec![Vec::new(); rows], logprobs: vec![Vec::new(); rows], entropies: vec![Vec::new(); rows], finish: vec![FinishReason::Length; rows], prompt_tokens };
+    if cfg.max_new_tokens == 0 {
+        return Ok(out);
+    }
     let plen = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     let mut ids = Vec::with_capacity(b * plen);
     let mut mask = Vec::with_capacity(b * plen);
     let mut positions = Vec::with_capacity(b * plen);
-    let mut next_pos = vec![0i64; b];
-    for (r, p) in prompts.iter().enumerate() {
+    for p in prompts {
         let pad = plen - p.len();
         ids.extend(std::iter::repeat_n(cfg.pad_token_id, pad).chain(p.iter().copied()));
         mask.extend(std::iter::repeat_n(0u8, pad).chain(std::iter::repeat_n(1u8, p.len())));
         // transformers: position_ids = cumsum(mask) − 1, with padding positions set to 1.
         positions.extend(std::iter::repeat_n(1i64, pad).chain(0..p.len() as i64));
-        next_pos[r] = p.len() as i64;
     }
     let mut cache = model.new_cache(b, plen + cfg.max_new_tokens)?;
     let mut rng = Rng::new(match cfg.sampling {
         Sampling::Sample { seed, .. } => seed,
         Sampling::Greedy => 0,
     });
-    let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
-    let mut finish: Vec<Option<FinishReason>> = vec![None; b];
-    if cfg.max_new_tokens == 0 {
-        return Ok(Generation { tokens: out, finish: vec![FinishReason::Length; b], prompt_tokens: prompts.iter().map(|p| p.len()).sum() });
+    let prefill = model.forward_cached(&ids, &mask, &positions, &mut cache)?;
+    let mut logits = prefill.to_dtype(crate::DType::F32)?.to_vec::<f32>()?;
+    // `live[j]` is the output row held by cache row j.
+    let mut live: Vec<usize> = (0..rows).collect();
+    let mut next_pos: Vec<i64> = live.iter().map(|&r| prompts[r / n].len() as i64).collect();
+    if n > 1 {
+        let expand: Vec<usize> = live.iter().map(|&r| r / n).collect();
+        cache.select_rows(&expand)?;
+        logits = expand.iter().flat_map(|&p| logits[p * vocab..(p + 1) * vocab].to_vec()).collect();
     }
-    let mut logits = model.forward_cached(&ids, &mask, &positions, &mut cache)?;
+    let temperature = match cfg.sampling {
+        Sampling::Sample { temperature, .. } => temperature,
+        Sampling::Greedy => 1.0,
+    };
+    let mut running = vec![true; live.len()];
     for step in 0..cfg.max_new_tokens {
-        let l = logits.to_dtype(crate::DType::F32)?.to_vec::<f32>()?;
-        let mut step_ids = Vec::with_capacity(b);
-        for r in 0..b {
-            if finish[r].is_some() {
+        let mut step_ids = Vec::with_capacity(live.len());
+        for (j, &r) in live.iter().enumerate() {
+            if !running[j] {
                 step_ids.push(cfg.pad_token_id);
                 continue;
             }
-            let row = &l[r * vocab..(r + 1) * vocab];
+            let row = &logits[j * vocab..(j + 1) * vocab];
             let tok = match &cfg.sampling {
                 Sampling::Greedy => argmax(row),
                 Sampling::Sample { temperature, top_k, top_p, .. } => sample(row, *temperature, *top_k, *top_p, &mut rng),
             };
-            out[r].push(tok);
+            if record {
+                let (lp, ent) = logprob_and_entropy(row, tok, temperature);
+                out.logprobs[r].push(lp);
+                out.entropies[r].push(ent);
+            }
+            out.tokens[r].push(tok);
             step_ids.push(tok);
             if cfg.eos_token_ids.contains(&tok) {
-                finish[r] = Some(FinishReason::Eos);
+                out.finish[r] = FinishReason::Eos;
+                running[j] = false;
             } else if let Some(tk) = tokenizer.filter(|_| !cfg.stop_strings.is_empty()) {
-                let text = tk.decode(&out[r], false)?;
+                let text = tk.decode(&out.tokens[r], false)?;
                 if cfg.stop_strings.iter().any(|s| text.contains(s.as_str())) {
-                    finish[r] = Some(FinishReason::StopString);
+                    out.finish[r] = FinishReason::StopString;
+                    running[j] = false;
                 }
             }
         }
-        if finish.iter().all(|f| f.is_some()) || step + 1 == cfg.max_new_tokens {
+        let active = running.iter().filter(|&&a| a).count();
+        if active == 0 || step + 1 == cfg.max_new_tokens {
             break;
         }
-        let pos: Vec<i64> = next_pos.clone();
+        // Finished rows leave the batch once they are a quarter of it (a cache copy per compaction).
+        if active * 4 <= live.len() * 3 {
+            let keep: Vec<usize> = (0..live.len()).filter(|&j| running[j]).collect();
+            cache.select_rows(&keep)?;
+            live = keep.iter().map(|&j| live[j]).collect();
+            next_pos = keep.iter().map(|&j| next_pos[j]).collect();
+            step_ids = keep.iter().map(|&j| step_ids[j]).collect();
+            running = vec![true; live.len()];
+        }
+        let pos = next_pos.clone();
         next_pos.iter_mut().for_each(|p| *p += 1);
-        logits = model.forward_cached(&step_ids, &vec![1u8; b], &pos, &mut cache)?;
+        let m: Vec<u8> = running.iter().map(|&a| a as u8).collect();
+        logits = model.forward_cached(&step_ids, &m, &pos, &mut cache)?.to_dtype(crate::DType::F32)?.to_vec::<f32>()?;
     }
-    Ok(Generation {
-        tokens: out,
-        finish: finish.into_iter().map(|f| f.unwrap_or(FinishReason::Length)).collect(),
-        prompt_tokens: prompts.iter().map(|p| p.len()).sum(),
-    })
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -37,3 +37,4 @@ pub use module::{Module, ModuleExt};
 pub use temper_macros::{adapter, Module};
 pub mod data;
 pub mod quant;
+pub mod rl;

@@ -99,9 +99,13 @@ pub fn parse(rec: &Record, format: Format, f: &FieldMap) -> Result<Item> {
     }
     let v = &rec.value;
     match format {
-        Format::Preference | Format::Kto => Err(err(rec, format!(
-            "format `{}` is read by the preference trainers (rl = \"dpo\", \"kto\", …), not as supervised examples",
-            if format == Format::Kto { "kto" } else { "preference" }
+        Format::Preference | Format::Kto | Format::Prompt => Err(err(rec, format!(
+            "format `{}` is read by the preference and RL trainers (rl = \"dpo\", \"kto\", \"grpo\", …), not as supervised examples",
+            match format {
+                Format::Kto => "kto",
+                Format::Prompt => "prompt",
+                _ => "preference",
+            }
         ))),
         Format::Chat => {
             let key = f.get("messages");

@@ -60,6 +60,9 @@ pub enum Format {
     Preference,
     /// KTO's unpaired data: `{"prompt", "completion", "label": true|false}` (see [`preference`]).
     Kto,
+    /// Prompts for RL (GRPO, PPO): `{"prompt": "..." | [messages ending with the user turn], ...}`;
+    /// the record's other fields (`answer`, ...) go to the reward functions (see [`preference::load_prompts`]).
+    Prompt,
 }
 
 /// Which record keys hold what. Every field is optional; [`FieldMap::get`] gives the default

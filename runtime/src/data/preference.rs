@@ -300,6 +300,65 @@ pub fn load_completions(spec: &DatasetSpec, tok: &Tokenizer, opts: &TokenizeOpti
     load_with(spec, tok, opts, &["completion"], |_| Ok(()), |rec, (), mut s| (rec.source.clone(), s.pop().expect("one side")))
 }
 
+/// One RL prompt: its tokens (a conversation rendered with the chat template and the generation
+/// prompt; a string as is, with the tokenizer's special tokens), and the record's other fields
+/// (`answer`, ...), which reward functions read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Prompt {
+    pub tokens: Vec<u32>,
+    pub fields: serde_json::Map<String, Value>,
+    /// `file:line`.
+    pub source: String,
+}
+
+/// Reads and tokenizes the prompts of `spec` (format `prompt`). A conversation must end with a
+/// user turn (the model answers it); a prompt longer than `sequence_len` is dropped or keeps its
+/// end (the question) per `opts.too_long`.
+pub fn load_prompts(spec: &DatasetSpec, tok: &Tokenizer, opts: &TokenizeOptions) -> Result<(Vec<Prompt>, DataReport)> {
+    check_format(spec, Format::Prompt)?;
+    let records = read_records(&spec.path)?;
+    let template = template_for(tok, opts);
+    let pk = spec.fields.get("prompt");
+    let mut report = DataReport { read: records.len(), ..Default::default() };
+    let mut out = Vec::with_capacity(records.len());
+    for rec in &records {
+        let obj = rec.value.as_object().ok_or_else(|| err(rec, format!("a record must be a JSON object, found {}", kind(&rec.value))))?;
+        let p = field(rec, &rec.value, pk, "the prompt")?;
+        let mut tokens = match side(rec, p, pk, &spec.fields)? {
+            Side::Text(t) if t.is_empty() => return Err(err(rec, format!("field `{pk}` is empty"))),
+            Side::Text(t) => tok.encode(&t, true).map_err(|e| at(e, &rec.source))?,
+            Side::Messages(m) => {
+                match m.last() {
+                    Some(last) if last.role == "user" => {}
+                    Some(last) => return Err(err(rec, format!("field `{pk}`: the conversation ends with a `{}` turn; an RL prompt ends with the user's", last.role))),
+                    None => return Err(err(rec, format!("field `{pk}` has no messages"))),
+                }
+                let t = template.as_deref().ok_or_else(no_template)?;
+                let text = render_chat(t, &m, true, tok.bos_token.as_deref(), tok.eos_token.as_deref()).map_err(|e| at(e, &rec.source))?;
+                tok.inner().encode(text.as_str(), false).map_err(|e| err(rec, format!("tokenizer: cannot encode the rendered prompt: {e}")))?.get_ids().to_vec()
+            }
+        };
+        if opts.sequence_len > 0 && tokens.len() > opts.sequence_len {
+            match opts.too_long {
+                TooLong::Drop => {
+                    report.dropped_too_long += 1;
+                    continue;
+                }
+                TooLong::Truncate => {
+                    tokens.drain(..tokens.len() - opts.sequence_len);
+                    report.truncated += 1;
+                }
+            }
+        }
+        let mut fields = obj.clone();
+        fields.remove(pk);
+        report.target_tokens += tokens.len();
+        out.push(Prompt { tokens, fields, source: rec.source.clone() });
+    }
+    report.kept = out.len();
+    Ok((out, report))
+}
+
 /// Whether the first record of `path` is a preference pair (has `chosen` and `rejected`).
 pub fn is_pair_file(path: &std::path::Path) -> Result<bool> {
     let records = read_records(path)?;

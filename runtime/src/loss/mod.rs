@@ -16,12 +16,14 @@
 mod ce;
 mod kl;
 pub mod kto;
+pub mod policy;
 pub mod preference;
 pub mod reward;
 
 pub use ce::{ce, Ce};
 pub use kl::{kl, kl_to, Kl, KlTo};
 pub use kto::{kto, Kto, KtoCx, KtoReference};
+pub use policy::{grpo, ppo_clip, ref_kl, token_weights, value_loss, ClippedPolicy, LossType, PolicyCx, RefKl, ValueLoss};
 pub use preference::{ce_on_chosen, dpo, dpo_loss, hinge, ipo, orpo, simpo, CeOnChosen, Dpo, DpoLoss, Orpo, PairCx, PairTerm, Simpo, Weighted};
 pub use reward::{bradley_terry, BradleyTerry, RewardCx};
 

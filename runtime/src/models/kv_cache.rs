@@ -48,4 +48,22 @@ impl KvCache {
         self.k[layer].write_blocks(k, self.batch, t * row, self.capacity * row, self.len * row)?;
         self.v[layer].write_blocks(v, self.batch, t * row, self.capacity * row, self.len * row)
     }
+
+    /// Keeps cache rows `rows` (in that order, repeats allowed): the samples of one prompt share
+    /// its prefilled rows, and finished rows leave the batch.
+    pub(crate) fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        ensure_shape!(rows.iter().all(|&r| r < self.batch), "kv_cache", "row index out of range for batch {}", self.batch);
+        let device = self.key_mask.device();
+        let ids = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<u32>>(), &[rows.len()], device)?;
+        let ids = ids.storage();
+        let row = self.capacity * self.kv_heads * self.head_dim;
+        for s in self.k.iter_mut().chain(self.v.iter_mut()) {
+            *s = s.embedding(&ids, row)?;
+        }
+        let mask = Tensor::from_storage(self.key_mask.clone(), &[self.batch * self.capacity])?.to_vec::<u8>()?;
+        let kept: Vec<u8> = rows.iter().flat_map(|&r| mask[r * self.capacity..(r + 1) * self.capacity].to_vec()).collect();
+        self.key_mask = Tensor::from_vec(kept, &[rows.len() * self.capacity], device)?.storage().clone();
+        self.batch = rows.len();
+        Ok(())
+    }
 }

@@ -3,6 +3,8 @@
 
 mod attention;
 mod checkpoint;
+mod clipped_surrogate;
+mod clipped_value;
 mod dropout;
 mod elementwise;
 mod embedding;
@@ -21,6 +23,8 @@ mod token_nll;
 
 pub use attention::{attention, AttentionMask};
 pub use checkpoint::checkpoint;
+pub use clipped_surrogate::clipped_surrogate;
+pub use clipped_value::clipped_value;
 pub use dropout::{dropout, dropout_state, set_dropout_seed};
 pub use elementwise::{add, add_scalar, mul, scale, sub, sum};
 pub use embedding::embedding;

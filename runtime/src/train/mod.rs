@@ -6,6 +6,7 @@
 
 pub mod checkpoint;
 pub mod preference;
+pub mod rl;
 pub mod schedule;
 pub mod sft;
 

@@ -86,6 +86,29 @@ pub fn sequence_logps<A: Adapter>(model: &Llama<A>, sb: &SeqBatch, mode: Mode) -
 /// computed, and each sequence's summed by a product with a 0/1 matrix, so the gradient reaches
 /// every scored token.
 fn span_logps<A: Adapter>(model: &Llama<A>, hidden: &Tensor, sb: &SeqBatch, range: impl Fn(&crate::data::preference::Span) -> std::ops::Range<usize>, n: usize) -> Result<Tensor> {
+    let (lp, owner, _) = token_logps(model, hidden, sb, range, n, 1.0)?;
+    let m = owner.len();
+    let mut ind = vec![0f32; n * m];
+    for (j, &i) in owner.iter().enumerate() {
+        ind[i * m + j] = 1.0;
+    }
+    let ind = Tensor::from_vec(ind, &[n, m], crate::Device::Cpu)?.to_dtype(lp.dtype())?.to_device(lp.device())?;
+    let y = ops::linear(&ind, &ops::reshape(&lp, &[1, m])?, None)?;
+    ops::reshape(&y, &[n])
+}
+
+/// log π of every token `range(span)` of the first `n` sequences of `sb`, `[m]` in sequence order,
+/// under logits / `temperature`; with the sequence each token belongs to and the gathered final
+/// hidden rows `[m, hidden]` (a value head reads them). Only these rows are projected onto the
+/// vocabulary (fused per-token log-probs).
+pub(crate) fn token_logps<A: Adapter>(
+    model: &Llama<A>,
+    hidden: &Tensor,
+    sb: &SeqBatch,
+    range: impl Fn(&crate::data::preference::Span) -> std::ops::Range<usize>,
+    n: usize,
+    temperature: f64,
+) -> Result<(Tensor, Vec<usize>, Tensor)> {
     let (rows, t, d) = (hidden.shape()[0], hidden.shape()[1], hidden.shape()[2]);
     let ids = sb.input.input_ids.to_vec::<i64>()?;
     // The logits at position p score token p + 1: token k of a span is read at start + k − 1.
@@ -105,15 +128,11 @@ fn span_logps<A: Adapter>(model: &Llama<A>, hidden: &Tensor, sb: &SeqBatch, rang
     }
     let flat = ops::reshape(hidden, &[rows * t, d])?;
     let picked = ops::embedding(&flat, &Tensor::from_vec(pos, &[m], crate::Device::Cpu)?.to_device(hidden.device())?)?;
+    // logits / T = (h / T)·Wᵀ: the temperature scales the gathered rows.
+    let scaled = if temperature != 1.0 { ops::scale(&picked, 1.0 / temperature)? } else { picked.clone() };
     // Targets stay on the host: the op checks and uploads them once.
-    let lp = ops::linear_token_logprobs(&picked, model.lm_head_weight(), &Tensor::from_vec(targets, &[m], crate::Device::Cpu)?)?;
-    let mut ind = vec![0f32; n * m];
-    for (j, &i) in owner.iter().enumerate() {
-        ind[i * m + j] = 1.0;
-    }
-    let ind = Tensor::from_vec(ind, &[n, m], crate::Device::Cpu)?.to_dtype(lp.dtype())?.to_device(lp.device())?;
-    let y = ops::linear(&ind, &ops::reshape(&lp, &[1, m])?, None)?;
-    ops::reshape(&y, &[n])
+    let lp = ops::linear_token_logprobs(&scaled, model.lm_head_weight(), &Tensor::from_vec(targets, &[m], crate::Device::Cpu)?)?;
+    Ok((lp, owner, picked))
 }
 
 /// Reference log-probs of `sb`'s sequences (no gradients): adapters off, or the frozen copy.
