@@ -121,6 +121,72 @@ pub struct TrainConfig {
     /// every step; with full fine-tuning this replaces the frozen copy of the model.
     #[serde(default)]
     pub precompute_ref_log_probs: bool,
+    /// RL (`rl = "grpo"` / `"ppo"`, docs/rl.md), TRL's names. Completions per prompt (GRPO; default 8).
+    pub num_generations: Option<usize>,
+    /// Completions sampled per step (default micro_batch_size × gradient_accumulation_steps);
+    /// the step's prompts are this / num_generations.
+    pub generation_batch_size: Option<usize>,
+    /// New tokens per completion (TRL's `max_completion_length`; default 256).
+    #[serde(alias = "max_completion_length")]
+    pub max_new_tokens: Option<usize>,
+    /// Sampling temperature (GRPO 1.0, PPO 0.7), top-p (1.0 = off), top-k (0 = off).
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+    /// Strings that end a completion (kept in it).
+    #[serde(default)]
+    pub stop_strings: Vec<String>,
+    /// GRPO: ε (clip range, default 0.2) and ε_high (DAPO's clip-higher; default ε).
+    pub epsilon: Option<f64>,
+    pub epsilon_high: Option<f64>,
+    /// GRPO: `group` (default), `batch` or `none` (Dr. GRPO).
+    pub scale_rewards: Option<String>,
+    /// GRPO: optimizer steps per generation batch (μ; default 1).
+    pub num_iterations: Option<usize>,
+    /// GRPO: completions that hit max_new_tokens are left out of the loss.
+    #[serde(default)]
+    pub mask_truncated_completions: bool,
+    /// GRPO: groups whose completions all scored the same are not forwarded (default true).
+    pub skip_zero_advantage: Option<bool>,
+    /// PPO: the per-token KL penalty in the reward (default 0.05), `k1` (default) or `k3`.
+    pub kl_coef: Option<f64>,
+    pub kl_estimator: Option<String>,
+    /// PPO: GAE's γ (1.0) and λ (0.95); whitening of the per-token rewards (false).
+    pub gamma: Option<f64>,
+    pub lam: Option<f64>,
+    #[serde(default)]
+    pub whiten_rewards: bool,
+    /// PPO: passes (4) over mini-batches (1) of each rollout batch; policy and value clip
+    /// ranges (0.2, 0.2), value-loss weight (0.1); score subtracted from completions without EOS.
+    pub num_ppo_epochs: Option<usize>,
+    pub num_mini_batches: Option<usize>,
+    pub cliprange: Option<f64>,
+    pub cliprange_value: Option<f64>,
+    pub vf_coef: Option<f64>,
+    pub missing_eos_penalty: Option<f64>,
+    /// RL rewards: built-in functions by name, or reward models, with weights.
+    #[serde(default)]
+    pub rewards: Vec<RewardSection>,
+}
+
+/// `[[rewards]]`: a built-in reward function (`name`) or a reward model (`model`), weighted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardSection {
+    /// `exact_answer`, `regex`, `think_format`, `length_penalty` (docs/rl.md).
+    pub name: Option<String>,
+    /// A reward model folder (`…ForSequenceClassification`, e.g. output_dir/reward_model of rl = "reward").
+    pub model: Option<PathBuf>,
+    #[serde(default = "d_one_f64")]
+    pub weight: f64,
+    /// exact_answer: the record field holding the answer (default `answer`).
+    pub field: Option<String>,
+    /// regex: the pattern, and its name in metrics (default `regex`).
+    pub pattern: Option<String>,
+    pub label: Option<String>,
+    /// length_penalty: DAPO's soft overlong punishment (default max_new_tokens and a quarter of it).
+    pub max_length: Option<usize>,
+    pub cache: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -320,6 +386,79 @@ impl TrainConfig {
         self.check_rl(path)
     }
 
+    /// The RL keys: rewards given, sampling and clipping values in range, GRPO's and PPO's keys
+    /// only where they apply.
+    fn check_grpo_ppo(&self, rl: &str, path: &Path) -> Result<()> {
+        let err = |key: &str, msg: String| Err(Error::Config { path: path.into(), key: key.into(), msg });
+        if let Some(d) = self.datasets.iter().chain(&self.test_datasets).find(|d| d.format != "prompt") {
+            return err("datasets.type", format!("rl = \"{rl}\" reads datasets of format \"prompt\", but {} is `{}`", d.path.display(), d.format));
+        }
+        if self.rewards.is_empty() {
+            return err("rewards", "RL needs at least one [[rewards]] table (name = \"exact_answer\", or model = \"DIR\")".into());
+        }
+        for (i, r) in self.rewards.iter().enumerate() {
+            if r.name.is_some() == r.model.is_some() {
+                return err(&format!("rewards[{i}]"), "give either `name` (a built-in reward) or `model` (a reward model folder)".into());
+            }
+            if !r.weight.is_finite() {
+                return err(&format!("rewards[{i}].weight"), format!("{} is not a number", r.weight));
+            }
+        }
+        if let Some(t) = self.temperature.filter(|t| !(*t > 0.0 && t.is_finite())) {
+            return err("temperature", format!("{t} must be positive (RL samples; greedy decoding has no log-probs to train on)"));
+        }
+        if let Some(p) = self.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+            return err("top_p", format!("{p} is not in (0, 1]"));
+        }
+        for (key, v) in [("epsilon", self.epsilon), ("epsilon_high", self.epsilon_high), ("cliprange", self.cliprange), ("cliprange_value", self.cliprange_value)] {
+            if let Some(e) = v.filter(|e| !(*e > 0.0 && e.is_finite())) {
+                return err(key, format!("{e} must be a positive number"));
+            }
+        }
+        if let Some(s) = &self.scale_rewards {
+            temper_runtime::rl::ScaleRewards::parse(s).map_err(|e| Error::Config { path: path.into(), key: "scale_rewards".into(), msg: e.to_string() })?;
+        }
+        if let Some(b) = self.beta.filter(|b| !(*b >= 0.0 && b.is_finite())) {
+            return err("beta", format!("{b} must be ≥ 0"));
+        }
+        if rl == "grpo" {
+            if self.num_generations.is_some_and(|g| g < 2) {
+                return err("num_generations", "GRPO compares completions of one prompt: it needs at least 2".into());
+            }
+            if let Some(t) = &self.loss_type {
+                match t {
+                    StringOrList::One(s) => {
+                        temper_runtime::loss::LossType::parse(s).map_err(|e| Error::Config { path: path.into(), key: "loss_type".into(), msg: e.to_string() })?;
+                    }
+                    StringOrList::List(_) => return err("loss_type", "GRPO takes one loss type (grpo, dr_grpo, dapo, bnpo)".into()),
+                }
+            }
+            for (key, set) in [("kl_coef", self.kl_coef.is_some()), ("kl_estimator", self.kl_estimator.is_some()), ("gamma", self.gamma.is_some()), ("lam", self.lam.is_some()), ("whiten_rewards", self.whiten_rewards), ("num_ppo_epochs", self.num_ppo_epochs.is_some()), ("num_mini_batches", self.num_mini_batches.is_some()), ("cliprange", self.cliprange.is_some()), ("cliprange_value", self.cliprange_value.is_some()), ("vf_coef", self.vf_coef.is_some()), ("missing_eos_penalty", self.missing_eos_penalty.is_some())] {
+                if set {
+                    return err(key, "is a PPO key, not for rl = \"grpo\"".into());
+                }
+            }
+            let gbs = self.generation_batch_size.unwrap_or(self.micro_batch_size * self.gradient_accumulation_steps);
+            let g = self.num_generations.unwrap_or(8);
+            if gbs % g != 0 {
+                return err("generation_batch_size", format!("{gbs} completions per step do not split into groups of num_generations = {g}"));
+            }
+        } else {
+            for (key, set) in [("num_generations", self.num_generations.is_some()), ("epsilon", self.epsilon.is_some()), ("epsilon_high", self.epsilon_high.is_some()), ("scale_rewards", self.scale_rewards.is_some()), ("num_iterations", self.num_iterations.is_some()), ("loss_type", self.loss_type.is_some()), ("beta", self.beta.is_some())] {
+                if set {
+                    return err(key, format!("is a GRPO key, not for rl = \"ppo\"{}", if key == "beta" { " (PPO's KL weight is kl_coef)" } else { "" }));
+                }
+            }
+            if let Some(k) = self.kl_estimator.as_deref().filter(|k| *k != "k1" && *k != "k3") {
+                return err("kl_estimator", format!("`{k}` is not k1 or k3"));
+            }
+            if self.adapter.kind == "none" {
+                return err("adapter.kind", "PPO here needs an adapter: its reference policy is the base with the adapter off".into());
+            }
+        }
+        Ok(())
+    }
+
     /// The preference keys: a known `rl`, datasets of the matching format, loss types and weights
     /// that agree, and keys set only where they mean something.
     fn check_rl(&self, path: &Path) -> Result<()> {
@@ -338,8 +477,39 @@ impl TrainConfig {
         let want = match rl {
             "dpo" | "ipo" | "orpo" | "simpo" | "reward" => "preference",
             "kto" => "kto",
-            other => return err("rl", format!("`{other}` is not one of \"dpo\", \"ipo\", \"kto\", \"orpo\", \"simpo\", \"reward\"")),
+            "grpo" | "ppo" => "prompt",
+            other => return err("rl", format!("`{other}` is not one of \"dpo\", \"ipo\", \"kto\", \"orpo\", \"simpo\", \"reward\", \"grpo\", \"ppo\"")),
         };
+        let rl_only: [(&str, bool); 21] = [
+            ("num_generations", self.num_generations.is_some()),
+            ("generation_batch_size", self.generation_batch_size.is_some()),
+            ("max_new_tokens", self.max_new_tokens.is_some()),
+            ("temperature", self.temperature.is_some()),
+            ("top_p", self.top_p.is_some()),
+            ("top_k", self.top_k.is_some()),
+            ("stop_strings", !self.stop_strings.is_empty()),
+            ("epsilon", self.epsilon.is_some()),
+            ("epsilon_high", self.epsilon_high.is_some()),
+            ("scale_rewards", self.scale_rewards.is_some()),
+            ("num_iterations", self.num_iterations.is_some()),
+            ("mask_truncated_completions", self.mask_truncated_completions),
+            ("skip_zero_advantage", self.skip_zero_advantage.is_some()),
+            ("kl_coef", self.kl_coef.is_some()),
+            ("kl_estimator", self.kl_estimator.is_some()),
+            ("num_ppo_epochs", self.num_ppo_epochs.is_some()),
+            ("num_mini_batches", self.num_mini_batches.is_some()),
+            ("cliprange", self.cliprange.is_some()),
+            ("cliprange_value", self.cliprange_value.is_some()),
+            ("vf_coef", self.vf_coef.is_some()),
+            ("rewards", !self.rewards.is_empty()),
+        ];
+        if want != "prompt" {
+            if let Some((key, _)) = rl_only.iter().find(|(_, set)| *set) {
+                return err(key, format!("is an RL key (rl = \"grpo\" or \"ppo\"), not for rl = \"{rl}\""));
+            }
+        } else {
+            return self.check_grpo_ppo(rl, path);
+        }
         if let Some(d) = self.datasets.iter().chain(&self.test_datasets).find(|d| d.format != want) {
             return err("datasets.type", format!("rl = \"{rl}\" reads datasets of format \"{want}\", but {} is `{}`", d.path.display(), d.format));
         }

@@ -254,7 +254,7 @@ impl WithModel for PrefRun<'_> {
 }
 
 /// Epoch `e`'s order of `n` items: shuffled by (seed, e) as SFT shuffles.
-fn shuffled(n: usize, seed: u64, e: u64) -> Vec<usize> {
+pub(crate) fn shuffled(n: usize, seed: u64, e: u64) -> Vec<usize> {
     data::shuffle_split((0..n).collect::<Vec<usize>>(), seed.wrapping_add(e.wrapping_mul(0x9E37_79B9)), 0.0).0
 }
 
@@ -306,8 +306,29 @@ fn reference_cache(cfg: &TrainConfig, kind: &str, sources: &[&str], compute: imp
 }
 
 impl PrefRun<'_> {
+    fn fit<A, L, B>(&self, trainer: Trainer<A, L, AdamW>, epoch: &dyn Fn(u64) -> Result<Vec<B>>, eval: &[B], adapter: Option<&str>, n_train: usize, n_eval: usize) -> Result<(SftSummary, Trainer<A, L, AdamW>)>
+    where
+        A: AdapterFormat + Adapter,
+        B: Clone,
+        Trainer<A, L, AdamW>: Steps<B>,
+    {
+        let run = Fit { cfg: self.cfg, cfg_path: self.cfg_path, tok: self.tok, resume: self.resume, progress: self.progress };
+        run.fit(trainer, epoch, eval, adapter, n_train, n_eval)
+    }
+}
+
+/// What the monitored loop of a preference or RL run needs from the command line.
+pub(crate) struct Fit<'a> {
+    pub cfg: &'a TrainConfig,
+    pub cfg_path: &'a Path,
+    pub tok: &'a Tokenizer,
+    pub resume: bool,
+    pub progress: Progress,
+}
+
+impl Fit<'_> {
     /// The monitored loop over `epoch`'s batches.
-    fn fit<A, L, B>(&self, mut trainer: Trainer<A, L, AdamW>, epoch: &dyn Fn(u64) -> Result<Vec<B>>, eval: &[B], adapter: Option<&str>, n_train: usize, n_eval: usize) -> Result<(SftSummary, Trainer<A, L, AdamW>)>
+    pub(crate) fn fit<A, L, B>(&self, mut trainer: Trainer<A, L, AdamW>, epoch: &dyn Fn(u64) -> Result<Vec<B>>, eval: &[B], adapter: Option<&str>, n_train: usize, n_eval: usize) -> Result<(SftSummary, Trainer<A, L, AdamW>)>
     where
         A: AdapterFormat + Adapter,
         B: Clone,

@@ -179,16 +179,19 @@ impl Monitor {
         Ok(())
     }
 
-    /// Logs an evaluation. `scalars` must hold `loss`; `ppl` defaults to `exp(loss)`. Writes a
-    /// row `{"step","eval_loss","eval_ppl",...}` (extras as `eval_<name>`) and TensorBoard
-    /// scalars `eval/loss`, `eval/ppl`, `eval/<name>`.
+    /// Logs an evaluation: `loss` (with `ppl` defaulting to `exp(loss)`) when the run has one (RL
+    /// evaluations report rewards instead). Writes a row `{"step","eval_loss","eval_ppl",...}`
+    /// (extras as `eval_<name>`) and TensorBoard scalars `eval/loss`, `eval/ppl`, `eval/<name>`.
     pub fn log_eval(&mut self, step: u64, scalars: &[(&str, f64)]) -> Result<()> {
         check_names("log_eval", step, scalars)?;
-        let loss = lookup(scalars, "loss").ok_or_else(|| {
-            Error::Input(format!("monitor: log_eval at step {step} needs `loss`"))
-        })?;
-        let ppl = lookup(scalars, "ppl").unwrap_or_else(|| loss.exp());
-        let mut fields = vec![("loss".to_string(), loss), ("ppl".to_string(), ppl)];
+        if scalars.is_empty() {
+            return Err(Error::Input(format!("monitor: log_eval at step {step} got no values")));
+        }
+        let mut fields = Vec::new();
+        if let Some(loss) = lookup(scalars, "loss") {
+            fields.push(("loss".to_string(), loss));
+            fields.push(("ppl".to_string(), lookup(scalars, "ppl").unwrap_or_else(|| loss.exp())));
+        }
         for (name, v) in scalars {
             if !matches!(*name, "loss" | "ppl") {
                 fields.push((name.to_string(), *v));
@@ -201,7 +204,8 @@ impl Monitor {
         for (k, v) in &fields {
             self.history.record(step, &format!("eval_{k}"), Some(*v));
         }
-        let line = format!("eval step {step}/{} loss {} ppl {}", self.total_steps, fmt_value(loss), fmt_value(ppl));
+        let shown: Vec<String> = fields.iter().take(4).map(|(k, v)| format!("{k} {}", fmt_value(*v))).collect();
+        let line = format!("eval step {step}/{} {}", self.total_steps, shown.join(" "));
         self.print(&line);
         Ok(())
     }
@@ -228,7 +232,7 @@ impl Monitor {
         let canvas = plot::render(&self.history.train_loss, &self.history.eval_loss, &self.history.lr);
         let png = self.dir.join("loss.png");
         plot::write_png(&canvas, &png)?;
-        if !self.history.rewards.is_empty() {
+        if self.history.rewards.keys().any(|k| !k.ends_with("kl")) {
             self.history.rewards.values_mut().for_each(sort);
             plot::write_png(&plot::render_rewards(&self.history.rewards), &self.dir.join("rewards.png"))?;
         }

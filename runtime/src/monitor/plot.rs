@@ -274,10 +274,17 @@ pub(crate) fn render(train_loss: &[(u64, f64)], eval_loss: &[(u64, f64)], lr: &[
 pub(crate) fn render_rewards(series: &std::collections::BTreeMap<String, Vec<(u64, f64)>>) -> Canvas {
     let mut c = Canvas::new(WIDTH, HEIGHT);
     let get = |a: &str, b: &str| series.get(a).or_else(|| series.get(b)).map(Vec::as_slice).unwrap_or(&[]);
-    let panels = [
-        ("reward margin (chosen - rejected)", get("rewards/margins", "margin"), get("eval_rewards/margins", "eval_margin")),
-        ("accuracy (chosen ranked first)", get("rewards/accuracies", "accuracy"), get("eval_rewards/accuracies", "eval_accuracy")),
-    ];
+    // RL runs (a `reward` series): mean reward (train: sampled, eval: greedy on held-out prompts)
+    // and the KL to the reference; preference runs: reward margin and accuracy.
+    let rl = series.contains_key("reward") || series.contains_key("eval_reward");
+    let panels = if rl {
+        [("mean reward (train: sampled; eval: greedy, held out)", get("reward", "reward"), get("eval_reward", "eval_reward")), ("KL to the reference", get("kl", "objective/kl"), get("eval_kl", "eval_kl"))]
+    } else {
+        [
+            ("reward margin (chosen - rejected)", get("rewards/margins", "margin"), get("eval_rewards/margins", "eval_margin")),
+            ("accuracy (chosen ranked first)", get("rewards/accuracies", "accuracy"), get("eval_rewards/accuracies", "eval_accuracy")),
+        ]
+    };
     let all = series.values().flatten().map(|p| p.0 as f64);
     let (mut s0, mut s1) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), s| (a.min(s), b.max(s)));
     if s0 > s1 {
@@ -288,7 +295,7 @@ pub(crate) fn render_rewards(series: &std::collections::BTreeMap<String, Vec<(u6
     let (left, right) = (110, WIDTH as i64 - 30);
     for (i, (title, train, eval)) in panels.iter().enumerate() {
         let (y0, y1) = if i == 0 { (50, 330) } else { (410, 650) };
-        let range = if i == 1 { Some((0.0, 1.05)) } else { value_range(train.iter().chain(eval.iter()).map(|p| p.1), true) };
+        let range = if i == 1 && !rl { Some((0.0, 1.05)) } else { value_range(train.iter().chain(eval.iter()).map(|p| p.1), true) };
         let p = Panel { x0: left, y0, x1: right, y1, steps: (s0, s1), values: range.unwrap_or((0.0, 1.0)) };
         p.frame(&mut c, title);
         p.series(&mut c, train, TRAIN, false);
