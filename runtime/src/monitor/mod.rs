@@ -184,8 +184,8 @@ impl Monitor {
     /// (extras as `eval_<name>`) and TensorBoard scalars `eval/loss`, `eval/ppl`, `eval/<name>`.
     pub fn log_eval(&mut self, step: u64, scalars: &[(&str, f64)]) -> Result<()> {
         check_names("log_eval", step, scalars)?;
-        if scalars.is_empty() {
-            return Err(Error::Input(format!("monitor: log_eval at step {step} got no values")));
+        if scalars.is_empty() || (lookup(scalars, "ppl").is_some() && lookup(scalars, "loss").is_none()) {
+            return Err(Error::Input(format!("monitor: log_eval at step {step} needs `loss` with `ppl`, or other values")));
         }
         let mut fields = Vec::new();
         if let Some(loss) = lookup(scalars, "loss") {
