@@ -452,6 +452,64 @@ pub fn dpo(base: Llama, place: Placement, steps: usize, batch: usize, seq: usize
     time_steps(&mut |_| Ok(trainer.step_pairs(&b, None, None)?.loss), place.device, vocab, steps, 2 * batch, seq)
 }
 
+/// What a GRPO benchmark measured (means over the timed steps).
+#[derive(Clone, Debug)]
+pub struct GrpoTiming {
+    pub step_ms: f64,
+    pub rollout_ms: f64,
+    pub rollout_tokens_per_s: f64,
+    pub tokens_per_s: f64,
+    pub final_loss: f64,
+}
+
+/// GRPO steps with LoRA r (alpha 2r, all linears) on the shape's random model: `prompts` prompts of
+/// `seq` random ids, `g` completions each of exactly `new_tokens` tokens (no EOS), a reward from
+/// the completion's ids, β = 0, TRL's default loss (dapo), every group trained. One untimed
+/// warm-up step. What `tools/bench_grpo_torch.py` times on TRL's GRPOTrainer.
+#[allow(clippy::too_many_arguments)]
+pub fn grpo(base: Llama, place: Placement, steps: usize, prompts: usize, seq: usize, g: usize, new_tokens: usize, r: usize) -> Result<GrpoTiming> {
+    use temper_runtime::adapters::{Lora, Targets};
+    use temper_runtime::generate::{GenerationConfig, Sampling};
+    use temper_runtime::rl::{reward_fn, Rewards};
+    use temper_runtime::train::rl::{RlConfig, RlSetup};
+    if prompts == 0 || seq == 0 || g < 2 || new_tokens == 0 {
+        return Err(Error::Input(format!("grpo needs prompts ≥ 1, seq ≥ 1, num_generations ≥ 2, new tokens ≥ 1 (got {prompts}, {seq}, {g}, {new_tokens})")));
+    }
+    place.check()?;
+    let vocab = base.config.vocab_size;
+    let mut model = base.with_adapter("default", &Lora::config(r, 2.0 * r as f64).targets(Targets::AllLinear))?;
+    place.place(&mut model)?;
+    let mut trainer = temper_runtime::train::Trainer::rl(model, temper_runtime::loss::grpo(), AdamW::lr(1e-4));
+    let gen = GenerationConfig { max_new_tokens: new_tokens, sampling: Sampling::Sample { temperature: 1.0, top_k: None, top_p: None, seed: 7 }, eos_token_ids: vec![], stop_strings: vec![], pad_token_id: 0 };
+    let mut cfg = RlConfig::grpo(gen);
+    cfg.num_generations = g;
+    cfg.micro_batch_size = prompts * g;
+    cfg.skip_zero_advantage = false;
+    let rewards = Rewards::new().with(reward_fn("ids", |c| (c.tokens.iter().map(|&t| t as u64).sum::<u64>() % 7) as f64), 1.0);
+    let setup = RlSetup::new(cfg, rewards, None)?;
+    let ids: Vec<u32> = token_ids(prompts * seq, vocab, 7).into_iter().map(|x| x as u32).collect();
+    let ps: Vec<temper_runtime::data::preference::Prompt> =
+        ids.chunks(seq).enumerate().map(|(i, c)| temper_runtime::data::preference::Prompt { tokens: c.to_vec(), fields: Default::default(), source: format!("random prompt {i}") }).collect();
+    trainer.grpo_step(&ps, &setup, None, None)?;
+    let (mut step_s, mut rollout_s, mut new, mut loss) = (0.0, 0.0, 0usize, f64::NAN);
+    for _ in 0..steps.max(1) {
+        let t0 = std::time::Instant::now();
+        let log = trainer.grpo_step(&ps, &setup, None, None)?;
+        step_s += t0.elapsed().as_secs_f64();
+        rollout_s += log.terms.iter().find(|(k, _)| *k == "time/rollout_s").map_or(0.0, |(_, v)| *v);
+        new += prompts * g * new_tokens;
+        loss = log.loss;
+    }
+    let n = steps.max(1) as f64;
+    Ok(GrpoTiming {
+        step_ms: 1e3 * step_s / n,
+        rollout_ms: 1e3 * rollout_s / n,
+        rollout_tokens_per_s: new as f64 / rollout_s.max(1e-9),
+        tokens_per_s: (prompts * g * (seq + new_tokens)) as f64 * n / step_s.max(1e-9),
+        final_loss: loss,
+    })
+}
+
 /// Full fine-tune steps (every weight trained, AdamW, fused CE) of the shape's random model.
 pub fn full_sft(shape: &Shape, place: Placement, steps: usize, batch: usize, seq: usize) -> Result<TrainTiming> {
     place.check()?;

@@ -185,7 +185,10 @@ struct BenchArgs {
     steps: usize,
     #[arg(long, default_value_t = 64)]
     new_tokens: usize,
-    /// Micro-batch size (lora-sft, qlora-sft, full-sft, attention), or prompts (generate).
+    /// grpo: completions per prompt.
+    #[arg(long, default_value_t = 4)]
+    num_generations: usize,
+    /// Micro-batch size (lora-sft, qlora-sft, full-sft, attention), or prompts (generate, grpo).
     #[arg(long)]
     batch: Option<usize>,
     /// Sequence length (lora-sft, qlora-sft, full-sft, attention, model; default per shape), the
@@ -885,6 +888,18 @@ fn bench(a: BenchArgs, threads: usize) -> Result<()> {
             j["cpu_ms_per_step"] = serde_json::json!(t.cpu_ms);
             j["peak_rss_mb"] = serde_json::json!(rss_mb());
             j
+        }
+        "grpo" => {
+            let (batch, seq) = (a.batch.unwrap_or(4), a.seq.unwrap_or(32));
+            let t = b::grpo(b::base_model(&shape, model, base("f32")?)?, place, a.steps, batch, seq, a.num_generations, a.new_tokens, a.rank)?;
+            // tools/bench_grpo_compare.sh reads these.
+            serde_json::json!({
+                "impl": "temper", "workload": "grpo", "shape": shape.name, "device": a.device, "threads": threads,
+                "batch": batch, "seq": seq, "num_generations": a.num_generations, "new_tokens": a.new_tokens, "rank": a.rank, "steps": a.steps,
+                "step_ms": t.step_ms, "rollout_ms": t.rollout_ms, "update_ms": t.step_ms - t.rollout_ms,
+                "rollout_tokens_per_s": t.rollout_tokens_per_s, "tokens_per_s": t.tokens_per_s,
+                "peak_rss_bytes": b::peak_rss_bytes(), "peak_rss_mb": rss_mb(), "final_loss": t.final_loss,
+            })
         }
         "full-sft" => {
             let (batch, seq) = (a.batch.unwrap_or(shape.batch), a.seq.unwrap_or(shape.seq));

@@ -131,7 +131,7 @@ pub(crate) fn train(cfg: &TrainConfig, cfg_path: &Path, tok: &Tokenizer, base: L
     let rc = rl_config(cfg, tok)?;
     let rewards = rewards(cfg, cfg_path, rc.generation.pad_token_id)?;
     let tk = crate::sft::load_tokenizer(cfg.tokenizer.as_ref().unwrap_or(&cfg.base_model))?;
-    let setup = RlSetup::new(rc, rewards, Arc::new(tk))?;
+    let setup = RlSetup::new(rc, rewards, Some(Arc::new(tk)))?;
     let full = cfg.adapter.kind == "none";
     let beta = cfg.beta.unwrap_or(0.0);
     let reference = if full && beta > 0.0 {

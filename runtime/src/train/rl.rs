@@ -112,13 +112,14 @@ impl RlConfig {
 pub struct RlSetup {
     pub cfg: RlConfig,
     pub rewards: Rewards,
-    pub tokenizer: Arc<Tokenizer>,
+    /// Decodes completions for reward functions and stop strings (None: texts are empty).
+    pub tokenizer: Option<Arc<Tokenizer>>,
     /// `rewards/<name>/mean` and `/std` per function (metric names live as long as the run).
     names: Vec<(&'static str, &'static str)>,
 }
 
 impl RlSetup {
-    pub fn new(cfg: RlConfig, rewards: Rewards, tokenizer: Arc<Tokenizer>) -> Result<Arc<Self>> {
+    pub fn new(cfg: RlConfig, rewards: Rewards, tokenizer: Option<Arc<Tokenizer>>) -> Result<Arc<Self>> {
         if rewards.fns.is_empty() {
             return Err(Error::Input("an RL run needs at least one reward ([[rewards]] in the config)".into()));
         }
@@ -164,6 +165,8 @@ struct Scored {
     texts: Vec<String>,
     per_fn: Vec<Vec<f64>>,
     rewards: Vec<f64>,
+    /// Wall time of the sampling.
+    rollout_s: f64,
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -189,14 +192,16 @@ where
             *seed = seed.wrapping_add(self.step.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         }
         let was = std::mem::replace(&mut self.model.training, false);
-        let r = crate::autograd::no_grad(|| rollout(&self.model, &ids, n, &gen, Some(&setup.tokenizer)));
+        let started = std::time::Instant::now();
+        let r = crate::autograd::no_grad(|| rollout(&self.model, &ids, n, &gen, setup.tokenizer.as_deref()));
         self.model.training = was;
         let rollout = r?;
-        let texts = rollout.tokens.iter().map(|t| setup.tokenizer.decode(t, true)).collect::<Result<Vec<_>>>()?;
+        let rollout_s = started.elapsed().as_secs_f64();
+        let texts = rollout.tokens.iter().map(|t| setup.tokenizer.as_ref().map_or(Ok(String::new()), |tk| tk.decode(t, true))).collect::<Result<Vec<_>>>()?;
         let cs: Vec<Completion<'_>> = (0..texts.len()).map(|i| Completion { prompt: &prompts[i / n], text: &texts[i], tokens: &rollout.tokens[i], finish: rollout.finish[i] }).collect();
         let per_fn = setup.rewards.score(&cs)?;
         let rewards = setup.rewards.combine(&per_fn);
-        Ok(Scored { rollout, texts, per_fn, rewards })
+        Ok(Scored { rollout, texts, per_fn, rewards, rollout_s })
     }
 
     /// The rollout metrics TRL logs (reward, per-function mean/std, completion lengths, entropy).
@@ -214,6 +219,9 @@ where
         log.push(("completions/clipped_ratio", clipped as f64 / lens.len().max(1) as f64));
         let ent: Vec<f64> = s.rollout.entropies.iter().flatten().map(|&e| e as f64).collect();
         log.push(("entropy", mean(&ent)));
+        log.push(("time/rollout_s", s.rollout_s));
+        let new: usize = s.rollout.tokens.iter().map(Vec::len).sum();
+        log.push(("rollout_tokens_per_s", new as f64 / s.rollout_s.max(1e-9)));
     }
 
     /// Reference log-probs of `b`'s completion tokens (no gradients).
@@ -427,9 +435,9 @@ where
         let r = (|| -> Result<()> {
             for chunk in prompts.chunks(32) {
                 let ids: Vec<Vec<u32>> = chunk.iter().map(|p| p.tokens.clone()).collect();
-                let g = crate::autograd::no_grad(|| crate::generate::generate(&self.model, &ids, &greedy, Some(&setup.tokenizer)))?;
+                let g = crate::autograd::no_grad(|| crate::generate::generate(&self.model, &ids, &greedy, setup.tokenizer.as_deref()))?;
                 for (t, f) in g.tokens.into_iter().zip(g.finish) {
-                    all.1.push(setup.tokenizer.decode(&t, true)?);
+                    all.1.push(setup.tokenizer.as_ref().map_or(Ok(String::new()), |tk| tk.decode(&t, true))?);
                     all.0.push((t, f));
                 }
             }
