@@ -63,20 +63,40 @@ fn argmax(row: &[f32]) -> u32 {
     best as u32
 }
 
-/// Samples from logits after temperature, top-k and top-p (nucleus) truncation.
+/// Samples from logits after temperature, top-k and top-p (nucleus) truncation. Without
+/// truncation it draws from the whole distribution in vocabulary order (no sort); with top-k only
+/// the k largest are selected and sorted.
 fn sample(row: &[f32], temperature: f64, top_k: Option<usize>, top_p: Option<f64>, rng: &mut Rng) -> u32 {
     if temperature <= 0.0 {
         return argmax(row);
     }
+    let k = top_k.filter(|&k| k > 0 && k < row.len());
+    let p = top_p.filter(|&p| p < 1.0);
+    if k.is_none() && p.is_none() {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64 / temperature;
+        let probs: Vec<f64> = row.iter().map(|&v| (v as f64 / temperature - max).exp()).collect();
+        let u = rng.uniform() * probs.iter().sum::<f64>();
+        let mut acc = 0.0;
+        for (i, &q) in probs.iter().enumerate() {
+            acc += q;
+            if u < acc {
+                return i as u32;
+            }
+        }
+        return argmax(row);
+    }
     let mut idx: Vec<usize> = (0..row.len()).collect();
-    idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
-    let k = top_k.filter(|&k| k > 0).unwrap_or(row.len()).min(row.len());
-    idx.truncate(k);
+    let by_logit = |a: &usize, b: &usize| row[*b].total_cmp(&row[*a]).then(a.cmp(b));
+    if let Some(k) = k {
+        idx.select_nth_unstable_by(k - 1, by_logit);
+        idx.truncate(k);
+    }
+    idx.sort_by(by_logit);
     let max = row[idx[0]] as f64 / temperature;
     let mut probs: Vec<f64> = idx.iter().map(|&i| (row[i] as f64 / temperature - max).exp()).collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
-    if let Some(p) = top_p.filter(|&p| p < 1.0) {
+    if let Some(p) = p {
         // Keep the smallest prefix of the sorted distribution whose mass reaches p (at least one token).
         let mut acc = 0.0;
         let mut keep = probs.len();
