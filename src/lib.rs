@@ -36,5 +36,5 @@ pub mod heap;
 pub mod config;
 pub mod perf_model;
 pub mod preference;
-pub mod rl;
+pub(crate) mod rl_run;
 pub mod sft;

@@ -94,7 +94,7 @@ pub fn preview(cfg_path: &Path, n: usize, json: bool) -> Result<Vec<String>> {
     cfg.device().map_err(|e| Error::Input(format!("{}: key `device`: {e}", cfg_path.display())))?;
     let tok = load_tokenizer(cfg.tokenizer.as_ref().unwrap_or(&cfg.base_model))?;
     if matches!(cfg.rl.as_deref(), Some("grpo" | "ppo")) {
-        return crate::rl::preview(&cfg, cfg_path, &tok, n, json);
+        return crate::rl_run::preview(&cfg, cfg_path, &tok, n, json);
     }
     if cfg.rl.is_some() {
         return crate::preference::preview(&cfg, cfg_path, &tok, n, json);
@@ -120,7 +120,7 @@ pub fn train(cfg_path: &Path, resume: bool, progress: Progress) -> Result<SftSum
     }
     base.gradient_checkpointing = cfg.gradient_checkpointing;
     if matches!(cfg.rl.as_deref(), Some("grpo" | "ppo")) {
-        return crate::rl::train(&cfg, cfg_path, &tok, base, resume || cfg.resume, progress);
+        return crate::rl_run::train(&cfg, cfg_path, &tok, base, resume || cfg.resume, progress);
     }
     if cfg.rl.is_some() {
         return crate::preference::train(&cfg, cfg_path, &tok, base, resume || cfg.resume, progress);

@@ -197,7 +197,7 @@ where
         self.model.training = was;
         let rollout = r?;
         let rollout_s = started.elapsed().as_secs_f64();
-        let texts = rollout.tokens.iter().map(|t| setup.tokenizer.as_ref().map_or(Ok(String::new()), |tk| tk.decode(t, true))).collect::<Result<Vec<_>>>()?;
+        let texts = rollout.tokens.iter().map(|t| setup.tokenizer.as_ref().map_or(Ok(String::new()), |tk| super::sft::decode_lenient(tk, t))).collect::<Result<Vec<_>>>()?;
         let cs: Vec<Completion<'_>> = (0..texts.len()).map(|i| Completion { prompt: &prompts[i / n], text: &texts[i], tokens: &rollout.tokens[i], finish: rollout.finish[i] }).collect();
         let per_fn = setup.rewards.score(&cs)?;
         let rewards = setup.rewards.combine(&per_fn);
@@ -437,7 +437,7 @@ where
                 let ids: Vec<Vec<u32>> = chunk.iter().map(|p| p.tokens.clone()).collect();
                 let g = crate::autograd::no_grad(|| crate::generate::generate(&self.model, &ids, &greedy, setup.tokenizer.as_deref()))?;
                 for (t, f) in g.tokens.into_iter().zip(g.finish) {
-                    all.1.push(setup.tokenizer.as_ref().map_or(Ok(String::new()), |tk| tk.decode(&t, true))?);
+                    all.1.push(setup.tokenizer.as_ref().map_or(Ok(String::new()), |tk| super::sft::decode_lenient(tk, &t))?);
                     all.0.push((t, f));
                 }
             }

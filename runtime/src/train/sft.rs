@@ -112,7 +112,7 @@ fn log_samples<A: AdapterFormat, L, O: Optimizer>(trainer: &mut Trainer<A, L, O>
 
 /// Text of generated ids; ids past the tokenizer's vocabulary (models often pad their embedding
 /// table) show as `<id:N>` instead of failing the run.
-fn decode_lenient(tok: &crate::tokenizer::Tokenizer, ids: &[u32]) -> Result<String> {
+pub(crate) fn decode_lenient(tok: &crate::tokenizer::Tokenizer, ids: &[u32]) -> Result<String> {
     let n = tok.vocab_size() as u32;
     let mut out = String::new();
     for chunk in ids.split_inclusive(|&id| id >= n) {
