@@ -79,7 +79,6 @@ pub(crate) fn rl_config(cfg: &TrainConfig, tok: &Tokenizer) -> Result<RlConfig> 
 
 /// The `[[rewards]]` tables as functions and reward models (loaded on the run's device).
 pub(crate) fn rewards(cfg: &TrainConfig, cfg_path: &Path, pad: u32) -> Result<Rewards> {
-    let base = cfg_path.parent().unwrap_or(Path::new("."));
     let mut r = Rewards::new();
     for (i, s) in cfg.rewards.iter().enumerate() {
         let f: Box<dyn temper_runtime::rl::RewardFn> = match (&s.name, &s.model) {
@@ -93,7 +92,7 @@ pub(crate) fn rewards(cfg: &TrainConfig, cfg_path: &Path, pad: u32) -> Result<Re
                 builtin(name, &params, cfg.max_new_tokens.unwrap_or(256)).map_err(|e| Error::Config { path: cfg_path.into(), key: format!("rewards[{i}].name"), msg: e.to_string() })?
             }
             (None, Some(dir)) => {
-                let dir = if dir.is_absolute() { dir.clone() } else { base.join(dir) };
+                let dir = dir.clone();
                 let mut m = Llama::load_with(&dir, &cfg.load_options()).map_err(|e| Error::Input(format!("{}: key `rewards[{i}].model`: {e}", cfg_path.display())))?;
                 if m.config.num_labels.is_none() {
                     return Err(Error::Config { path: cfg_path.into(), key: format!("rewards[{i}].model"), msg: format!("{} is not a reward model (no …ForSequenceClassification head)", dir.display()) });

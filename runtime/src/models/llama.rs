@@ -146,6 +146,10 @@ pub struct Llama<A: Adapter = NoAdapter> {
     /// (`LlamaForSequenceClassification`'s `score.weight`); None for a causal LM.
     #[module(rename = "score.weight")]
     pub score: Option<Tensor>,
+    /// PPO's value head `[1, hidden]` on the final hidden states (TRL's `v_head.summary.weight`);
+    /// not part of the causal LM or its adapter, saved beside it by the PPO trainer.
+    #[module(rename = "v_head.summary.weight")]
+    pub v_head: Option<Tensor>,
     /// Recompute each decoder layer in backward instead of storing its activations.
     #[module(skip)]
     pub gradient_checkpointing: bool,
@@ -440,7 +444,7 @@ impl<A: Adapter> Llama<A> {
             None => (Some(get.tensor("lm_head.weight", &[v, h])?), None),
         };
         let inv_freq = ops::rope_inv_freq(c.head_dim, c.rope_theta, &c.rope_scaling);
-        Ok(Llama { config, embed_tokens, layers, norm, lm_head, score, gradient_checkpointing: false, training: false, inv_freq })
+        Ok(Llama { config, embed_tokens, layers, norm, lm_head, score, v_head: None, gradient_checkpointing: false, training: false, inv_freq })
     }
 
     /// Attaches adapter `name` to the layers `cfg` targets (see [`AdapterHost::add_adapter`]).

@@ -254,7 +254,7 @@ where
             let (logps, _, rows) = token_logps(&tr.model, &hidden, &b.sb, all, b.sb.spans.len(), temperature)?;
             let reference = || tr.reference_token_logps(&b.sb, temperature);
             let values = || {
-                let head = tr.model.score.as_ref().ok_or_else(|| Error::Input("the value loss needs a value head (PPO adds one: Trainer::with_value_head)".into()))?;
+                let head = tr.model.v_head.as_ref().ok_or_else(|| Error::Input("the value loss needs a value head (PPO adds one: Trainer::with_value_head)".into()))?;
                 let m = rows.shape()[0];
                 ops::reshape(&ops::linear(&rows, head, None)?, &[m])
             };
@@ -309,12 +309,12 @@ where
         Ok(log)
     }
 
-    /// Adds PPO's value head (`[1, hidden]`, zero-initialised, trained with the policy) as the
-    /// model's `score` head, and registers it with the optimizer.
+    /// Adds PPO's value head (`[1, hidden]`, zero-initialised, trained with the policy; the
+    /// model's `v_head`) and registers it with the optimizer.
     pub fn with_value_head<C: OptimizerConfig<Optimizer = O>>(mut self, optimizer: C) -> Result<Self> {
         let h = self.model.config.hidden_size;
         let head = Tensor::from_vec(vec![0f32; h], &[1, h], crate::Device::Cpu)?.to_dtype(self.model.dtype())?.to_device(self.model.device())?.requires_grad();
-        self.model.score = Some(head);
+        self.model.v_head = Some(head);
         let params = self.model.trainable_with_lr_scale().into_iter().map(|(_, t, s)| (t, s)).collect();
         self.optimizer = optimizer.build(params);
         Ok(self)
@@ -342,7 +342,7 @@ where
                 let rs: Vec<&Sequence> = chunk.iter().collect();
                 let sb = seq_batch(&rs, cfg.generation.pad_token_id, true)?;
                 refs.extend(self.reference_token_logps(&sb, t)?);
-                let head = self.model.score.clone().ok_or_else(|| Error::Input("PPO needs a value head (Trainer::with_value_head)".into()))?;
+                let head = self.model.v_head.clone().ok_or_else(|| Error::Input("PPO needs a value head (Trainer::with_value_head)".into()))?;
                 let v = crate::autograd::no_grad(|| {
                     let h = self.model.hidden_states(&sb.input)?;
                     let (_, _, rows) = token_logps(&self.model, &h, &sb, |s| s.prompt.max(1)..s.len, sb.spans.len(), t)?;
