@@ -164,6 +164,9 @@ pub struct TrainConfig {
     pub cliprange_value: Option<f64>,
     pub vf_coef: Option<f64>,
     pub missing_eos_penalty: Option<f64>,
+    /// Evaluate once before training (TRL's `eval_on_start`), so curves start from the base model.
+    #[serde(default)]
+    pub eval_on_start: bool,
     /// RL rewards: built-in functions by name, or reward models, with weights.
     #[serde(default)]
     pub rewards: Vec<RewardSection>,

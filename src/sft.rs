@@ -291,6 +291,7 @@ pub(crate) fn prepare(cfg: &TrainConfig, cfg_path: &Path, tok: &Tokenizer, adapt
         base_model: Some(cfg.base_model.display().to_string()),
         seed: cfg.seed,
         resume,
+        eval_on_start: cfg.eval_on_start,
     };
     Ok(Prepared { opts, monitor, prompts })
 }

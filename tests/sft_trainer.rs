@@ -71,6 +71,7 @@ fn opts(dir: &std::path::Path, total: u64, resume: bool) -> SftOptions {
         base_model: Some("tests/fixtures/models/llama_gqa_llama3rope".into()),
         seed: 7,
         resume,
+        eval_on_start: false,
     }
 }
 

@@ -79,6 +79,8 @@ pub struct SftOptions {
     pub seed: u64,
     /// Continue from the last checkpoint in `output_dir` when there is one.
     pub resume: bool,
+    /// Evaluate once before the first step (TRL's `eval_on_start`), so curves start from the base.
+    pub eval_on_start: bool,
 }
 
 /// Optimizer steps for `epochs` passes over `micro_batches_per_epoch`.
@@ -183,6 +185,10 @@ where
     let mut window = (Instant::now(), 0usize);
     if let (Some(sm), None) = (samples, resumed_from) {
         log_samples(trainer, sm, 0, log)?; // what the model says before training, to compare
+    }
+    if opts.eval_on_start && resumed_from.is_none() && !eval.is_empty() {
+        let m = trainer.eval_metrics(eval)?;
+        log.eval(0, &m)?;
     }
     while trainer.steps() < opts.total_steps {
         let mut micro = Vec::with_capacity(opts.gradient_accumulation_steps);
