@@ -472,6 +472,14 @@ impl TrainConfig {
                     return err(key, "is a preference-training key: set `rl` (dpo, ipo, kto, orpo, simpo, reward) to use it".into());
                 }
             }
+            for (key, set) in [("rewards", !self.rewards.is_empty()), ("num_generations", self.num_generations.is_some()), ("max_new_tokens", self.max_new_tokens.is_some()), ("epsilon", self.epsilon.is_some()), ("kl_coef", self.kl_coef.is_some())] {
+                if set {
+                    return err(key, "is an RL key: set rl = \"grpo\" or \"ppo\" to use it".into());
+                }
+            }
+            if let Some(d) = self.datasets.iter().find(|d| d.format == "prompt") {
+                return err("rl", format!("{} has format `prompt`: set rl = \"grpo\" or \"ppo\" to train on it", d.path.display()));
+            }
             if let Some(d) = self.datasets.iter().find(|d| d.format == "preference" || d.format == "kto") {
                 return err("rl", format!("{} has format `{}`: set `rl` to train on it", d.path.display(), d.format));
             }

@@ -45,6 +45,8 @@ enum Command {
     /// Score completions or preference pairs with a reward model (a `…ForSequenceClassification`
     /// folder, e.g. what `temper train` with rl = "reward" writes).
     Reward(RewardArgs),
+    /// Draw a run folder's loss.png (and rewards.png) again from its metrics.jsonl
+    Plot(PlotArgs),
     /// Inspect training data as the model will see it.
     #[command(subcommand)]
     Data(DataCommand),
@@ -133,6 +135,19 @@ struct GenerateArgs {
     /// `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+fn plot(a: PlotArgs) -> Result<()> {
+    for p in temper_runtime::monitor::Monitor::replot(&a.output_dir)? {
+        println!("wrote {}", p.display());
+    }
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+struct PlotArgs {
+    /// A run's output_dir (holding metrics.jsonl)
+    output_dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -487,6 +502,7 @@ fn main() -> ExitCode {
         Command::Quantize(a) => quantize(a),
         Command::Train(a) => train(a),
         Command::Reward(a) => reward(a),
+        Command::Plot(a) => plot(a),
         Command::Data(DataCommand::Preview { config, n, json }) => temper::sft::preview(&config, n, json).map(|lines| {
             for l in lines {
                 println!("{l}");

@@ -64,7 +64,7 @@ pub(crate) struct History {
 
 /// The metrics `rewards.png` plots: implicit-reward margins and accuracies of preference runs
 /// (TRL's names), a reward model's margin and accuracy.
-pub(crate) const REWARD_KEYS: [&str; 7] = ["rewards/margins", "rewards/accuracies", "margin", "accuracy", "reward", "kl", "objective/kl"];
+pub(crate) const REWARD_KEYS: [&str; 8] = ["rewards/margins", "rewards/accuracies", "margin", "accuracy", "reward", "kl", "objective/kl", "completions/mean_length"];
 
 impl History {
     pub(crate) fn record(&mut self, step: u64, key: &str, v: Option<f64>) {

@@ -225,21 +225,25 @@ impl Monitor {
     pub fn finish(&mut self) -> Result<PathBuf> {
         self.metrics.sync()?;
         self.events.sync()?;
-        let sort = |v: &mut Vec<(u64, f64)>| v.sort_by_key(|p| p.0);
-        sort(&mut self.history.train_loss);
-        sort(&mut self.history.eval_loss);
-        sort(&mut self.history.lr);
-        let canvas = plot::render(&self.history.train_loss, &self.history.eval_loss, &self.history.lr);
-        let png = self.dir.join("loss.png");
-        plot::write_png(&canvas, &png)?;
-        if self.history.rewards.keys().any(|k| !k.ends_with("kl")) {
-            self.history.rewards.values_mut().for_each(sort);
-            plot::write_png(&plot::render_rewards(&self.history.rewards), &self.dir.join("rewards.png"))?;
-        }
+        let png = write_plots(&mut self.history, &self.dir)?;
         if let Display::Bar(bar) = &self.display {
             bar.finish();
         }
         Ok(png)
+    }
+
+    /// Draws `loss.png` (and `rewards.png` where the run logged rewards) again from a run
+    /// folder's `metrics.jsonl`, e.g. after a change to the plots or for a run that was stopped.
+    /// Returns the paths written.
+    pub fn replot(output_dir: &Path) -> Result<Vec<PathBuf>> {
+        let path = output_dir.join("metrics.jsonl");
+        if !path.exists() {
+            return Err(Error::Input(format!("{}: no metrics.jsonl to plot", output_dir.display())));
+        }
+        let mut history = metrics::truncate_after(&path, u64::MAX)?;
+        let png = write_plots(&mut history, output_dir)?;
+        let rewards = output_dir.join("rewards.png");
+        Ok(if has_rewards(&history) { vec![png, rewards] } else { vec![png] })
     }
 
     /// The `metrics.jsonl` being appended to.
@@ -335,6 +339,26 @@ fn fmt_duration(d: Duration) -> String {
         60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
         _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
     }
+}
+
+/// Whether a run logged preference or RL rewards (the KL and completion length alone do not make one).
+fn has_rewards(history: &History) -> bool {
+    history.rewards.keys().any(|k| !k.ends_with("kl") && !k.ends_with("mean_length"))
+}
+
+/// `loss.png` and, for runs with rewards, `rewards.png` in `dir`; returns the path of `loss.png`.
+fn write_plots(history: &mut History, dir: &Path) -> Result<PathBuf> {
+    let sort = |v: &mut Vec<(u64, f64)>| v.sort_by_key(|p| p.0);
+    sort(&mut history.train_loss);
+    sort(&mut history.eval_loss);
+    sort(&mut history.lr);
+    let png = dir.join("loss.png");
+    plot::write_png(&plot::render(&history.train_loss, &history.eval_loss, &history.lr), &png)?;
+    if has_rewards(history) {
+        history.rewards.values_mut().for_each(sort);
+        plot::write_png(&plot::render_rewards(&history.rewards), &dir.join("rewards.png"))?;
+    }
+    Ok(png)
 }
 
 #[cfg(test)]

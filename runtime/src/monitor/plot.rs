@@ -278,7 +278,14 @@ pub(crate) fn render_rewards(series: &std::collections::BTreeMap<String, Vec<(u6
     // and the KL to the reference; preference runs: reward margin and accuracy.
     let rl = series.contains_key("reward") || series.contains_key("eval_reward");
     let panels = if rl {
-        [("mean reward (train: sampled; eval: greedy, held out)", get("reward", "reward"), get("eval_reward", "eval_reward")), ("KL to the reference", get("kl", "objective/kl"), get("eval_kl", "eval_kl"))]
+        // The KL panel when the run has a KL term; else the mean completion length (β = 0 GRPO).
+        let kl = get("kl", "objective/kl");
+        let second = if kl.is_empty() {
+            ("mean completion length (tokens)", get("completions/mean_length", "completions/mean_length"), get("eval_completions/mean_length", "eval_completions/mean_length"))
+        } else {
+            ("KL to the reference", kl, get("eval_kl", "eval_kl"))
+        };
+        [("mean reward (eval: greedy, held out)", get("reward", "reward"), get("eval_reward", "eval_reward")), second]
     } else {
         [
             ("reward margin (chosen - rejected)", get("rewards/margins", "margin"), get("eval_rewards/margins", "eval_margin")),

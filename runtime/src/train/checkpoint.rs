@@ -56,10 +56,19 @@ pub fn list(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
 /// Writes the trained weights of `model`: adapter `adapter` as a PEFT folder, or the whole model.
 pub fn save_weights<A: AdapterFormat>(model: &Llama<A>, adapter: Option<&str>, dir: &Path, base_model: Option<&str>) -> Result<()> {
     match adapter {
-        Some(name) => model.save_adapter::<A>(name, dir, base_model),
-        None => model.save_pretrained(dir),
+        Some(name) => model.save_adapter::<A>(name, dir, base_model)?,
+        None => model.save_pretrained(dir)?,
     }
+    // PPO's value head is no part of the causal LM or its adapter: it is kept beside them.
+    if let Some(v) = &model.v_head {
+        st::save(&dir.join(VALUE_HEAD_FILE), &[(VALUE_HEAD_KEY.to_string(), v.clone())], None)?;
+    }
+    Ok(())
 }
+
+/// Where [`save_weights`] keeps PPO's value head, and its key there (TRL's name).
+pub const VALUE_HEAD_FILE: &str = "value_head.safetensors";
+pub const VALUE_HEAD_KEY: &str = "v_head.summary.weight";
 
 /// Writes `output_dir/checkpoint-{state.step}` atomically and keeps only the last `keep` (0 = all).
 pub fn save<A: AdapterFormat, O: Optimizer>(
@@ -104,8 +113,14 @@ pub fn load<A: AdapterFormat, O: Optimizer>(dir: &Path, model: &mut Llama<A>, ad
         None => dir.join("model.safetensors"),
     };
     let files = SafetensorsFiles::open_files(std::slice::from_ref(&weights))?;
+    let value_head = dir.join(VALUE_HEAD_FILE);
     model.visit_mut("", &mut |name, t, role| {
         if !t.requires_grad_flag() {
+            return Ok(());
+        }
+        if name == VALUE_HEAD_KEY {
+            let v = SafetensorsFiles::open_files(std::slice::from_ref(&value_head))?.load_as(VALUE_HEAD_KEY, t.shape(), t.dtype())?;
+            *t.storage_mut() = v.contiguous_storage()?.clone();
             return Ok(());
         }
         let key = match role {
