@@ -132,7 +132,7 @@ fn bad_rl_configs_name_the_key() {
         ("rl = \"grpo\"\nloss_type = \"sigmoid\"", "loss_type"),
         ("rl = \"grpo\"\nscale_rewards = \"sometimes\"", "scale_rewards"),
         ("rl = \"grpo\"\ntemperature = 0.0", "temperature"),
-        ("rl = \"dpo\"", "datasets.type"),
+        ("rl = \"dpo\"", "max_new_tokens"),
         ("", "rewards"),
     ];
     for (head, key) in cases {
@@ -148,7 +148,7 @@ fn bad_rl_configs_name_the_key() {
     assert!(!ok && err.contains("rewards[0].name") && err.contains("exact_answer"), "{err}");
     let no_answer = dir.join("no_answer.jsonl");
     std::fs::write(&no_answer, "{\"prompt\": \"say 1\"}\n".repeat(10)).unwrap();
-    let cfg = write_config(&dir, &no_answer, "rl = \"grpo\"\nmax_steps = 1");
+    let cfg = write_config(&dir, &no_answer, "rl = \"grpo\"");
     let (ok, _, err) = temper(&["train", cfg.to_str().unwrap()]);
     assert!(!ok && err.contains("no_answer.jsonl:") && err.contains("`answer`"), "{err}");
 }
