@@ -136,10 +136,7 @@ pub(crate) fn train(cfg: &TrainConfig, cfg_path: &Path, tok: &Tokenizer, base: L
     let reference = if cfg.precompute_ref_log_probs {
         Reference::Precomputed
     } else if full && needs_reference(&rl) {
-        eprintln!("loading a frozen copy of {} as the reference policy (precompute_ref_log_probs = true avoids it)", cfg.base_model.display());
-        let mut r = Llama::load_with(&cfg.base_model, &cfg.load_options())?;
-        place(cfg, &mut r)?;
-        Reference::Model(Arc::new(r))
+        frozen_reference(cfg, " (precompute_ref_log_probs = true avoids it)")?
     } else {
         Reference::AdapterOff
     };
@@ -150,6 +147,15 @@ pub(crate) fn train(cfg: &TrainConfig, cfg_path: &Path, tok: &Tokenizer, base: L
     }
     let run = PrefRun { cfg, cfg_path, tok, train, eval, reference, resume, progress };
     with_adapter(cfg, base, run)
+}
+
+/// Full fine-tuning's reference policy: a frozen copy of the base loaded again (the trained weights
+/// change in place), on the run's device.
+pub(crate) fn frozen_reference(cfg: &TrainConfig, hint: &str) -> Result<Reference> {
+    eprintln!("loading a frozen copy of {} as the reference policy{hint}", cfg.base_model.display());
+    let mut r = Llama::load_with(&cfg.base_model, &cfg.load_options())?;
+    place(cfg, &mut r)?;
+    Ok(Reference::Model(Arc::new(r)))
 }
 
 struct PrefRun<'a> {

@@ -134,10 +134,7 @@ pub(crate) fn train(cfg: &TrainConfig, cfg_path: &Path, tok: &Tokenizer, base: L
     let full = cfg.adapter.kind == "none";
     let beta = cfg.beta.unwrap_or(0.0);
     let reference = if full && beta > 0.0 {
-        eprintln!("loading a frozen copy of {} as the reference policy", cfg.base_model.display());
-        let mut r = Llama::load_with(&cfg.base_model, &cfg.load_options())?;
-        place(cfg, &mut r)?;
-        Reference::Model(Arc::new(r))
+        crate::preference::frozen_reference(cfg, "")?
     } else {
         Reference::AdapterOff
     };

@@ -10,6 +10,7 @@
 //! constants).
 
 use super::output;
+use super::pointwise::host_like;
 use crate::autograd::GradFn;
 use crate::error::{ensure_shape, Result};
 use crate::tensor::Tensor;
@@ -44,10 +45,6 @@ impl GradFn for ClippedSurrogateBackward {
         let dx: Vec<f64> = x.iter().enumerate().map(|(i, &lp)| g[i] * grad_one(lp, self.old[i], self.adv[i], self.range)).collect();
         Ok(vec![Some(host_like(dx, &self.logp)?)])
     }
-}
-
-fn host_like(values: Vec<f64>, like: &Tensor) -> Result<Tensor> {
-    Tensor::from_vec(values, like.shape(), crate::Device::Cpu)?.to_dtype(like.dtype())?.to_device(like.device())
 }
 
 /// Per-token clipped surrogate loss `[m]` of log-probs `logp` `[m]` against the sampling

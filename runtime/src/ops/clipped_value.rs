@@ -6,6 +6,7 @@
 //! Host-side like [`super::clipped_surrogate`]; saved for backward: `v`.
 
 use super::output;
+use super::pointwise::host_like;
 use crate::autograd::GradFn;
 use crate::error::{ensure_shape, Result};
 use crate::tensor::Tensor;
@@ -39,7 +40,7 @@ impl GradFn for ClippedValueBackward {
     fn backward(&self, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let (x, g) = (self.v.to_f64_vec()?, g.to_f64_vec()?);
         let dx: Vec<f64> = x.iter().enumerate().map(|(i, &v)| g[i] * value_and_grad(v, self.old[i], self.ret[i], self.c).1).collect();
-        Ok(vec![Some(Tensor::from_vec(dx, self.v.shape(), crate::Device::Cpu)?.to_dtype(self.v.dtype())?.to_device(self.v.device())?)])
+        Ok(vec![Some(host_like(dx, &self.v)?)])
     }
 }
 
@@ -50,7 +51,7 @@ pub fn clipped_value(v: &Tensor, old: &[f64], ret: &[f64], clip: f64) -> Result<
     ensure_shape!(old.len() == m && ret.len() == m, "clipped_value", "{m} values, {} old values, {} returns", old.len(), ret.len());
     let x = v.to_f64_vec()?;
     let y: Vec<f64> = (0..m).map(|i| value_and_grad(x[i], old[i], ret[i], clip).0).collect();
-    let y = Tensor::from_vec(y, v.shape(), crate::Device::Cpu)?.to_dtype(v.dtype())?.to_device(v.device())?;
+    let y = host_like(y, v)?;
     let s = (*y.contiguous_storage()?).clone();
     let (old, ret) = (Arc::new(old.to_vec()), Arc::new(ret.to_vec()));
     Ok(output(s, v.shape(), &[v], || Arc::new(ClippedValueBackward { v: v.clone(), old, ret, c: clip })))

@@ -99,8 +99,8 @@ impl GradFn for PointwiseBackward {
     }
 }
 
-/// `values` as a tensor of `like`'s shape, dtype and device.
-fn host_like(values: Vec<f64>, like: &Tensor) -> Result<Tensor> {
+/// `values` as a tensor of `like`'s shape, dtype and device (the host-side ops' results).
+pub(super) fn host_like(values: Vec<f64>, like: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(values, like.shape(), crate::Device::Cpu)?.to_dtype(like.dtype())?.to_device(like.device())
 }
 
