@@ -214,7 +214,8 @@ fn bad_preference_configs_name_the_key() {
     let dir = scratch_dir("pref-bad");
     let pairs = write_pairs(&dir, 8);
     let cases = [
-        ("rl = \"ppo\"", "preference", "rl"),
+        ("rl = \"reinforce\"", "preference", "rl"),
+        ("rl = \"ppo\"", "preference", "datasets.type"),
         ("rl = \"kto\"", "preference", "datasets.type"),
         ("beta = 0.1", "chat", "beta"),
         ("rl = \"dpo\"\nloss_type = [\"sigmoid\", \"ipo\"]\nloss_weights = [1.0]", "preference", "loss_weights"),
