@@ -157,7 +157,8 @@ pub type TermLog = Vec<(&'static str, f64)>;
     message = "the loss term `{Self}` cannot be computed from `{Cx}`",
     label = "this loss needs something the trainer cannot supply",
     note = "`kl()` needs a reference policy: attach an adapter (the base with adapters off is the reference) or use `kl_to(reference_model)`",
-    note = "pair losses (`dpo`, `ipo`, `simpo`, `orpo`, `ce_on_chosen`) train with `Trainer::preference`, `kto` with `Trainer::kto`, `bradley_terry` with `Trainer::reward_model`"
+    note = "pair losses (`dpo`, `ipo`, `simpo`, `orpo`, `ce_on_chosen`) train with `Trainer::preference`, `kto` with `Trainer::kto`, `bradley_terry` with `Trainer::reward_model`",
+    note = "policy losses (`grpo`, `ppo_clip`, `ref_kl`, `value_loss`) train on sampled completions with `Trainer::rl`"
 )]
 pub trait Term<Cx> {
     /// The scalar loss; records each named term's value in `log`.
