@@ -10,34 +10,31 @@ use std::path::{Path, PathBuf};
 
 /// Conversational pairs: the chosen reply repeats the number asked for, the rejected one does not.
 fn write_pairs(dir: &Path, n: usize) -> PathBuf {
-    let p = dir.join("pairs.jsonl");
-    let lines: Vec<String> = (0..n)
-        .map(|i| {
+    common::write_jsonl(
+        dir,
+        "pairs.jsonl",
+        (0..n).map(|i| {
             let k = i % 7;
             serde_json::json!({
                 "prompt": [{"role": "user", "content": format!("say {k}")}],
                 "chosen": [{"role": "assistant", "content": format!("{k} ok")}],
                 "rejected": [{"role": "assistant", "content": "no"}],
             })
-            .to_string()
-        })
-        .collect();
-    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
-    p
+        }),
+    )
 }
 
 /// KTO items from the same task: the good reply desirable, the bad one not.
 fn write_kto(dir: &Path, n: usize) -> PathBuf {
-    let p = dir.join("kto.jsonl");
-    let lines: Vec<String> = (0..n)
-        .map(|i| {
+    common::write_jsonl(
+        dir,
+        "kto.jsonl",
+        (0..n).map(|i| {
             let k = i % 7;
             let good = i % 2 == 0;
-            serde_json::json!({"prompt": format!("say {k}"), "completion": if good { format!("{k} ok") } else { "no".to_string() }, "label": good}).to_string()
-        })
-        .collect();
-    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
-    p
+            serde_json::json!({"prompt": format!("say {k}"), "completion": if good { format!("{k} ok") } else { "no".to_string() }, "label": good})
+        }),
+    )
 }
 
 fn write_config(dir: &Path, data: &Path, format: &str, head: &str, adapter: &str) -> PathBuf {

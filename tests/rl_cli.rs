@@ -9,10 +9,7 @@ use common::{fixture, scratch_dir, temper};
 use std::path::{Path, PathBuf};
 
 fn write_prompts(dir: &Path, n: usize) -> PathBuf {
-    let p = dir.join("prompts.jsonl");
-    let lines: Vec<String> = (0..n).map(|i| serde_json::json!({"prompt": [{"role": "user", "content": format!("say {}", i % 7)}], "answer": (i % 7).to_string()}).to_string()).collect();
-    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
-    p
+    common::write_jsonl(dir, "prompts.jsonl", (0..n).map(|i| serde_json::json!({"prompt": [{"role": "user", "content": format!("say {}", i % 7)}], "answer": (i % 7).to_string()})))
 }
 
 fn write_config(dir: &Path, data: &Path, head: &str) -> PathBuf {

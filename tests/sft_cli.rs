@@ -8,12 +8,7 @@ use std::path::{Path, PathBuf};
 
 /// A chat dataset of `n` short conversations (the assistant echoes a number, a learnable task).
 fn write_data(dir: &Path, n: usize) -> PathBuf {
-    let p = dir.join("chat.jsonl");
-    let lines: Vec<String> = (0..n)
-        .map(|i| serde_json::json!({"messages": [{"role": "user", "content": format!("say {}", i % 7)}, {"role": "assistant", "content": format!("{} ok", i % 7)}]}).to_string())
-        .collect();
-    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
-    p
+    common::write_jsonl(dir, "chat.jsonl", (0..n).map(|i| serde_json::json!({"messages": [{"role": "user", "content": format!("say {}", i % 7)}, {"role": "assistant", "content": format!("{} ok", i % 7)}]})))
 }
 
 fn write_config(dir: &Path, data: &Path, extra: &str) -> PathBuf {

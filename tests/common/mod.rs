@@ -20,6 +20,14 @@ pub fn smollm2() -> Option<PathBuf> {
     }
 }
 
+/// Writes `records` as JSONL lines to `dir/name` and returns the path (the CLI tests' datasets).
+pub fn write_jsonl(dir: &Path, name: &str, records: impl IntoIterator<Item = serde_json::Value>) -> PathBuf {
+    let p = dir.join(name);
+    let lines: Vec<String> = records.into_iter().map(|r| r.to_string()).collect();
+    std::fs::write(&p, lines.join("\n") + "\n").expect("write a JSONL dataset");
+    p
+}
+
 /// A fresh empty folder under the target directory.
 pub fn scratch_dir(name: &str) -> PathBuf {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
