@@ -17,6 +17,17 @@ pub enum Sampling {
     Sample { temperature: f64, top_k: Option<usize>, top_p: Option<f64>, seed: u64 },
 }
 
+impl Sampling {
+    /// The temperature the log-probs of sampled tokens are taken at: the sampling temperature, or
+    /// 1 for greedy decoding (and a non-positive temperature, which decodes greedily).
+    pub fn temperature(&self) -> f64 {
+        match self {
+            Sampling::Sample { temperature, .. } if *temperature > 0.0 => *temperature,
+            _ => 1.0,
+        }
+    }
+}
+
 /// Generation settings.
 #[derive(Clone, Debug)]
 pub struct GenerationConfig {
@@ -155,9 +166,8 @@ pub fn rollout<A: crate::adapters::Adapter>(model: &Llama<A>, prompts: &[Vec<u32
     decode(model, prompts, n, cfg, tokenizer, true)
 }
 
-/// log softmax(row / T)[tok] and the entropy of softmax(row / T), in f64.
-fn logprob_and_entropy(row: &[f32], tok: u32, temperature: f64) -> (f32, f32) {
-    let t = if temperature > 0.0 { temperature } else { 1.0 };
+/// log softmax(row / t)[tok] and the entropy of softmax(row / t), in f64 (t > 0: [`Sampling::temperature`]).
+fn logprob_and_entropy(row: &[f32], tok: u32, t: f64) -> (f32, f32) {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64 / t;
     let z: f64 = row.iter().map(|&v| (v as f64 / t - max).exp()).sum();
     let lse = max + z.ln();
@@ -215,10 +225,7 @@ fn decode<A: crate::adapters::Adapter>(model: &Llama<A>, prompts: &[Vec<u32>], n
         cache.select_rows(&expand)?;
         logits = expand.iter().flat_map(|&p| logits[p * vocab..(p + 1) * vocab].to_vec()).collect();
     }
-    let temperature = match cfg.sampling {
-        Sampling::Sample { temperature, .. } => temperature,
-        Sampling::Greedy => 1.0,
-    };
+    let temperature = cfg.sampling.temperature();
     let mut running = vec![true; live.len()];
     for step in 0..cfg.max_new_tokens {
         let mut step_ids = Vec::with_capacity(live.len());

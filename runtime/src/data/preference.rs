@@ -380,6 +380,14 @@ pub struct Span {
     pub prompt: usize,
 }
 
+impl Span {
+    /// The completion's token indices within the sequence (never the first token: nothing
+    /// predicts it).
+    pub fn completion(&self) -> std::ops::Range<usize> {
+        self.prompt.max(1)..self.len
+    }
+}
+
 /// Sequences laid out for one forward: packed several to a row (each attending only to itself,
 /// positions restarting at 0) or one per row, right-padded; the spans say where each sequence and
 /// its completion are.

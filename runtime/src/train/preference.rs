@@ -8,7 +8,7 @@
 
 use super::{merge_terms, Batch, StepLog, Trainer};
 use crate::adapters::{Adapter, AdapterHost};
-use crate::data::preference::{seq_batch, KtoItem, PreferencePair, SeqBatch, Sequence};
+use crate::data::preference::{seq_batch, KtoItem, PreferencePair, SeqBatch, Sequence, Span};
 use crate::error::{Error, Result};
 use crate::loss::{KtoCx, KtoReference, PairCx, RewardCx, Term, TermLog};
 use crate::models::{Llama, Mode};
@@ -75,7 +75,7 @@ pub fn pair_batches(pairs: &[PreferencePair], micro_batch_size: usize, pad_id: u
 /// Σ log π over each sequence's completion `[sequences]`, in the order of `sb.spans`.
 pub fn sequence_logps<A: Adapter>(model: &Llama<A>, sb: &SeqBatch, mode: Mode) -> Result<Tensor> {
     let hidden = model.hidden_states_mode(&sb.input, mode)?;
-    span_logps(model, &hidden, sb, |s| s.prompt.max(1)..s.len, sb.spans.len())
+    span_logps(model, &hidden, sb, Span::completion, sb.spans.len())
 }
 
 /// Σ log π of tokens `range(span)` (token indices within each sequence; the first token is never
@@ -97,18 +97,9 @@ fn span_logps<A: Adapter>(model: &Llama<A>, hidden: &Tensor, sb: &SeqBatch, rang
     ops::reshape(&y, &[n])
 }
 
-/// log π of every token `range(span)` of the first `n` sequences of `sb`, `[m]` in sequence order,
-/// under logits / `temperature`; with the sequence each token belongs to and the gathered final
-/// hidden rows `[m, hidden]` (a value head reads them). Only these rows are projected onto the
-/// vocabulary (fused per-token log-probs).
-pub(crate) fn token_logps<A: Adapter>(
-    model: &Llama<A>,
-    hidden: &Tensor,
-    sb: &SeqBatch,
-    range: impl Fn(&crate::data::preference::Span) -> std::ops::Range<usize>,
-    n: usize,
-    temperature: f64,
-) -> Result<(Tensor, Vec<usize>, Tensor)> {
+/// The final hidden rows `[m, hidden]` that score every token `range(span)` of the first `n`
+/// sequences of `sb` (in sequence order), the tokens they score and the sequence each belongs to.
+pub(crate) fn scored_rows(hidden: &Tensor, sb: &SeqBatch, range: impl Fn(&crate::data::preference::Span) -> std::ops::Range<usize>, n: usize) -> Result<(Tensor, Vec<i64>, Vec<usize>)> {
     let (rows, t, d) = (hidden.shape()[0], hidden.shape()[1], hidden.shape()[2]);
     let ids = sb.input.input_ids.to_vec::<i64>()?;
     // The logits at position p score token p + 1: token k of a span is read at start + k − 1.
@@ -128,6 +119,22 @@ pub(crate) fn token_logps<A: Adapter>(
     }
     let flat = ops::reshape(hidden, &[rows * t, d])?;
     let picked = ops::embedding(&flat, &Tensor::from_vec(pos, &[m], crate::Device::Cpu)?.to_device(hidden.device())?)?;
+    Ok((picked, targets, owner))
+}
+
+/// log π of every token `range(span)` of the first `n` sequences of `sb`, `[m]` in sequence order,
+/// under logits / `temperature`, with the sequence each token belongs to. Only these rows
+/// ([`scored_rows`]) are projected onto the vocabulary (fused per-token log-probs).
+pub(crate) fn token_logps<A: Adapter>(
+    model: &Llama<A>,
+    hidden: &Tensor,
+    sb: &SeqBatch,
+    range: impl Fn(&crate::data::preference::Span) -> std::ops::Range<usize>,
+    n: usize,
+    temperature: f64,
+) -> Result<(Tensor, Vec<usize>, Tensor)> {
+    let (picked, targets, owner) = scored_rows(hidden, sb, range, n)?;
+    let m = owner.len();
     // logits / T = (h / T)·Wᵀ: the temperature scales the gathered rows.
     let scaled = if temperature != 1.0 { ops::scale(&picked, 1.0 / temperature)? } else { picked.clone() };
     // Targets stay on the host: the op checks and uploads them once.
@@ -208,7 +215,7 @@ where
     pub fn pair_loss(&self, b: &PairBatch, log: &mut TermLog) -> Result<Tensor> {
         let hidden = self.model.hidden_states_mode(&b.seqs.input, Mode { adapters: true, training: self.model.training })?;
         let all = b.seqs.spans.len();
-        let logps = span_logps(&self.model, &hidden, &b.seqs, |s| s.prompt.max(1)..s.len, all)?;
+        let logps = span_logps(&self.model, &hidden, &b.seqs, Span::completion, all)?;
         let n = b.pairs();
         let chosen = ops::narrow(&logps, 0, 0, n)?;
         let rejected = ops::narrow(&logps, 0, n, n)?;

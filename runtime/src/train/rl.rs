@@ -13,11 +13,11 @@
 //! KL penalty to the reference (k1 or k3), GAE over the critic's values (a value head on the
 //! policy's own hidden states), whitened advantages, `num_ppo_epochs` passes over mini-batches.
 
-use super::preference::token_logps;
+use super::preference::{scored_rows, token_logps};
 use super::preference::{Reference, Steps};
 use super::{StepLog, Trainer};
 use crate::adapters::{Adapter, AdapterHost};
-use crate::data::preference::{seq_batch, Prompt, SeqBatch, Sequence};
+use crate::data::preference::{seq_batch, Prompt, SeqBatch, Sequence, Span};
 use crate::error::{Error, Result};
 use crate::generate::{rollout, FinishReason, GenerationConfig, Rollout};
 use crate::loss::{token_weights, LossType, PolicyCx, Term, TermLog};
@@ -101,10 +101,7 @@ impl RlConfig {
         RlConfig { algo: Algo::Ppo, num_generations: 1, loss_type: LossType::Bnpo, ..Self::grpo(generation) }
     }
     fn temperature(&self) -> f64 {
-        match self.generation.sampling {
-            crate::generate::Sampling::Sample { temperature, .. } if temperature > 0.0 => temperature,
-            _ => 1.0,
-        }
+        self.generation.sampling.temperature()
     }
 }
 
@@ -162,7 +159,6 @@ struct PolicyBatch {
 /// The completions of a rollout, decoded, with their prompts.
 struct Scored {
     rollout: Rollout,
-    texts: Vec<String>,
     per_fn: Vec<Vec<f64>>,
     rewards: Vec<f64>,
     /// Wall time of the sampling.
@@ -201,7 +197,7 @@ where
         let cs: Vec<Completion<'_>> = (0..texts.len()).map(|i| Completion { prompt: &prompts[i / n], text: &texts[i], tokens: &rollout.tokens[i], finish: rollout.finish[i] }).collect();
         let per_fn = setup.rewards.score(&cs)?;
         let rewards = setup.rewards.combine(&per_fn);
-        Ok(Scored { rollout, texts, per_fn, rewards, rollout_s })
+        Ok(Scored { rollout, per_fn, rewards, rollout_s })
     }
 
     /// The rollout metrics TRL logs (reward, per-function mean/std, completion lengths, entropy).
@@ -227,18 +223,17 @@ where
     /// Reference log-probs of `b`'s completion tokens (no gradients).
     fn reference_token_logps(&self, sb: &SeqBatch, temperature: f64) -> Result<Vec<f64>> {
         let off = Mode { adapters: false, training: false };
-        let all = |s: &crate::data::preference::Span| s.prompt.max(1)..s.len;
         crate::autograd::no_grad(|| match &self.reference {
             Reference::AdapterOff => {
                 if self.model.adapter_names().is_empty() {
                     return Err(Error::Input("the reference policy is the base with its adapters off, but the model has no adapter (full fine-tuning): set beta = 0 or give a reference model".into()));
                 }
                 let h = self.model.hidden_states_mode(&sb.input, off)?;
-                token_logps(&self.model, &h, sb, all, sb.spans.len(), temperature)?.0.to_f64_vec()
+                token_logps(&self.model, &h, sb, Span::completion, sb.spans.len(), temperature)?.0.to_f64_vec()
             }
             Reference::Model(m) => {
                 let h = m.hidden_states_mode(&sb.input, off)?;
-                token_logps(m.as_ref(), &h, sb, all, sb.spans.len(), temperature)?.0.to_f64_vec()
+                token_logps(m.as_ref(), &h, sb, Span::completion, sb.spans.len(), temperature)?.0.to_f64_vec()
             }
             Reference::Precomputed => Err(Error::Input("RL cannot precompute reference log-probs (the completions are new every step)".into())),
         })
@@ -250,8 +245,7 @@ where
         let tokens: Vec<usize> = batches.iter().map(|b| b.sb.input_tokens()).collect();
         self.update(batches, &units, &tokens, lr, max_grad_norm, |tr, b, log| {
             let hidden = tr.model.hidden_states(&b.sb.input)?;
-            let all = |s: &crate::data::preference::Span| s.prompt.max(1)..s.len;
-            let (logps, _, rows) = token_logps(&tr.model, &hidden, &b.sb, all, b.sb.spans.len(), temperature)?;
+                let (logps, _, rows) = token_logps(&tr.model, &hidden, &b.sb, Span::completion, b.sb.spans.len(), temperature)?;
             let reference = || tr.reference_token_logps(&b.sb, temperature);
             let values = || {
                 let head = tr.model.v_head.as_ref().ok_or_else(|| Error::Input("the value loss needs a value head (PPO adds one: Trainer::with_value_head)".into()))?;
@@ -298,7 +292,6 @@ where
             let units = if cfg.loss_type == LossType::Dapo { m } else { 1 };
             batches.push(PolicyBatch { sb, old, adv: a, weights, old_values: vec![], returns: vec![], units });
         }
-        let _ = &s.texts;
         let mut last = None;
         for _ in 0..cfg.num_iterations.max(1) {
             last = Some(if batches.is_empty() { self.empty_step(lr) } else { self.policy_update(&batches, lr, max_grad_norm, cfg.temperature())? });
@@ -345,7 +338,8 @@ where
                 let head = self.model.v_head.clone().ok_or_else(|| Error::Input("PPO needs a value head (Trainer::with_value_head)".into()))?;
                 let v = crate::autograd::no_grad(|| {
                     let h = self.model.hidden_states(&sb.input)?;
-                    let (_, _, rows) = token_logps(&self.model, &h, &sb, |s| s.prompt.max(1)..s.len, sb.spans.len(), t)?;
+                    // The values need the hidden rows only, not their log-probs over the vocabulary.
+                    let (rows, _, _) = scored_rows(&h, &sb, Span::completion, sb.spans.len())?;
                     ops::linear(&rows, &head, None)?.to_f64_vec()
                 })?;
                 values.extend(v);
@@ -397,7 +391,6 @@ where
         let mut last = None;
         for _ in 0..cfg.num_ppo_epochs.max(1) {
             for mini in rows.chunks(per_mini.max(1)) {
-                let m_tokens: usize = mini.iter().map(|&j| advs[j].len()).sum();
                 let mut batches = Vec::new();
                 for micro in mini.chunks(cfg.micro_batch_size.max(1)) {
                     let rs: Vec<&Sequence> = micro.iter().map(|&j| &seqs[j]).collect();
@@ -413,7 +406,6 @@ where
                         units: m,
                     });
                 }
-                let _ = m_tokens;
                 last = Some(self.policy_update(&batches, lr, max_grad_norm, t)?);
             }
         }
@@ -478,17 +470,14 @@ where
 /// (adapters on, dropout off): the largest absolute difference, which the tests bound by 1e-5.
 pub fn rollout_logprob_gap<A: Adapter>(model: &Llama<A>, prompts: &[Vec<u32>], n: usize, gen: &GenerationConfig) -> Result<f64> {
     let r = crate::autograd::no_grad(|| rollout(model, prompts, n, gen, None))?;
-    let t = match gen.sampling {
-        crate::generate::Sampling::Sample { temperature, .. } if temperature > 0.0 => temperature,
-        _ => 1.0,
-    };
+    let t = gen.sampling.temperature();
     let keep: Vec<usize> = (0..r.tokens.len()).filter(|&i| !r.tokens[i].is_empty()).collect();
     let seqs: Vec<Sequence> = keep.iter().map(|&i| Sequence::new(prompts[i / n].clone(), r.tokens[i].clone())).collect();
     let refs: Vec<&Sequence> = seqs.iter().collect();
     let sb = seq_batch(&refs, gen.pad_token_id, true)?;
     let lp = crate::autograd::no_grad(|| {
         let h = model.hidden_states_mode(&sb.input, Mode { adapters: true, training: false })?;
-        token_logps(model, &h, &sb, |s| s.prompt.max(1)..s.len, sb.spans.len(), t)?.0.to_f64_vec()
+        token_logps(model, &h, &sb, Span::completion, sb.spans.len(), t)?.0.to_f64_vec()
     })?;
     let sampled: Vec<f64> = keep.iter().flat_map(|&i| r.logprobs[i].iter().map(|&x| x as f64)).collect();
     Ok(lp.iter().zip(&sampled).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max))
